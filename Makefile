@@ -1,0 +1,51 @@
+# The verbs people type. Everything a target needs (apt packages, the virtual environment) it installs itself.
+SHELL := /bin/bash
+PYTHON ?= /usr/bin/python3
+VENV := .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := python3-venv python3-dev nftables iptables iproute2 util-linux curl procps
+export PATH := /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+
+.PHONY: all deps venv demo test lint unit bench clean
+
+all: test
+
+# Host packages: installed only when one is missing, so warm runs stay fast and offline.
+.stamp-apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing host packages: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@touch $@
+
+$(BIN)/python: | .stamp-apt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+.stamp-venv: setup.cfg pyproject.toml $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+deps: .stamp-apt .stamp-venv
+venv: deps
+
+lint: deps
+	$(BIN)/ruff check agent tests
+	$(BIN)/ruff format --check agent tests
+	$(BIN)/mypy
+
+unit: deps
+	$(BIN)/pytest -q tests/unit
+
+test: lint
+	$(BIN)/pytest -q -p no:cacheprovider tests
+
+demo: deps
+	$(BIN)/python -m imds_agent.sandbox.demo
+
+bench: deps
+	$(BIN)/python tests/bench/forwarder.py
+
+clean:
+	rm -rf $(VENV) .stamp-* build dist agent/*.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,245 @@
+"""agent.yaml -> frozen, validated dataclasses.
+
+Every key has a default, so an absent or empty file gives a working agent. A wrong value is an error naming the
+file, line and key; it never falls back to a default, because for a security control a silent default is a hole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from . import yamlsrc
+from .errors import ConfigError
+
+DEFAULT_PATH = "/etc/imds-agent/agent.yaml"
+MODES = ("audit", "enforce")
+BACKENDS = ("auto", "nftables", "iptables")
+FAIL_MODES = ("open", "closed")
+POLICY_DEFAULTS = ("deny", "allow-nonsensitive", "allow")
+MAX_TOKEN_TTL = 21600
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise _FieldError(key, message)
+
+
+class _FieldError(ValueError):
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(message)
+
+
+def _ip(value: str, version: int, key: str) -> None:
+    try:
+        addr = ipaddress.ip_address(value)
+    except ValueError:
+        raise _FieldError(key, f"not an IP address: {value!r}") from None
+    _check(addr.version == version, key, f"not an IPv{version} address: {value!r}")
+
+
+def _port(value: int, key: str) -> None:
+    _check(1 <= value <= 65535, key, f"port must be 1..65535, got {value}")
+
+
+def _timeout(value: float, key: str) -> None:
+    _check(0 < value <= 300, key, f"must be > 0 and <= 300 seconds, got {value}")
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    """Where the forwarder listens and how it treats its clients."""
+
+    port: int = 8775
+    addresses: tuple[str, ...] = ("127.0.0.1", "::1")
+    max_connections: int = 512
+    idle_timeout: float = 30.0  # a keep-alive connection with no new request is closed after this
+    request_timeout: float = 5.0  # a request's line and headers must arrive within this (slow clients -> 408)
+
+    def __post_init__(self) -> None:
+        _port(self.port, "port")
+        _check(len(self.addresses) > 0, "addresses", "needs at least one address")
+        for addr in self.addresses:
+            try:
+                ipaddress.ip_address(addr)
+            except ValueError:
+                raise _FieldError("addresses", f"not an IP address: {addr!r}") from None
+        _check(1 <= self.max_connections <= 65536, "max_connections", "must be 1..65536")
+        _timeout(self.idle_timeout, "idle_timeout")
+        _timeout(self.request_timeout, "request_timeout")
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """The metadata service the agent forwards to."""
+
+    ipv4: str = "169.254.169.254"
+    ipv6: str = "fd00:ec2::254"
+    port: int = 80
+    connect_timeout: float = 1.0
+    read_timeout: float = 3.0
+    pool_size: int = 16
+
+    def __post_init__(self) -> None:
+        _ip(self.ipv4, 4, "ipv4")
+        _ip(self.ipv6, 6, "ipv6")
+        _port(self.port, "port")
+        _timeout(self.connect_timeout, "connect_timeout")
+        _timeout(self.read_timeout, "read_timeout")
+        _check(1 <= self.pool_size <= 1024, "pool_size", "must be 1..1024")
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    """Lifetime of the agent's own IMDSv2 session token."""
+
+    ttl: int = MAX_TOKEN_TTL
+    refresh_margin: int = 300
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.ttl <= MAX_TOKEN_TTL, "ttl", f"must be 1..{MAX_TOKEN_TTL} seconds, got {self.ttl}")
+        _check(0 <= self.refresh_margin < self.ttl, "refresh_margin", "must be >= 0 and less than ttl")
+
+
+@dataclass(frozen=True)
+class RedirectConfig:
+    """The kernel rules that send local metadata traffic to the agent."""
+
+    enabled: bool = True
+    backend: str = "auto"
+    ipv6: bool = True
+    fail_mode: str = "open"
+    reconcile_interval: float = 5.0  # 0 turns the reconciler off
+
+    def __post_init__(self) -> None:
+        _check(self.backend in BACKENDS, "backend", f"must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        _check(self.fail_mode in FAIL_MODES, "fail_mode", f"must be open or closed; got {self.fail_mode!r}")
+        _check(0 <= self.reconcile_interval <= 3600, "reconcile_interval", "must be 0..3600 seconds")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Where the allowlist lives and what happens to callers no rule matches."""
+
+    dir: str = "/etc/imds-agent/policy.d"
+    default: str = "allow-nonsensitive"
+
+    def __post_init__(self) -> None:
+        _check(
+            self.default in POLICY_DEFAULTS,
+            "default",
+            f"must be one of {', '.join(POLICY_DEFAULTS)}; got {self.default!r}",
+        )
+        _check(os.path.isabs(self.dir), "dir", "must be an absolute path")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """The audit log and the persistent inventory."""
+
+    log: str = "/var/log/imds-agent/audit.jsonl"
+    state_dir: str = "/var/lib/imds-agent"
+    max_bytes: int = 50 * 1024 * 1024
+    backups: int = 5
+
+    def __post_init__(self) -> None:
+        _check(os.path.isabs(self.log), "log", "must be an absolute path")
+        _check(os.path.isabs(self.state_dir), "state_dir", "must be an absolute path")
+        _check(self.max_bytes >= 4096, "max_bytes", "must be at least 4096")
+        _check(0 <= self.backups <= 100, "backups", "must be 0..100")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole agent configuration; ``source`` is the file it came from (None: built-in defaults)."""
+
+    mode: str = "audit"
+    user: str = "imds-agent"
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    token: TokenConfig = field(default_factory=TokenConfig)
+    redirect: RedirectConfig = field(default_factory=RedirectConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    source: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _check(self.mode in MODES, "mode", f"must be audit or enforce; got {self.mode!r}")
+        _check(bool(self.user), "user", "must not be empty")
+
+    def with_mode(self, mode: str) -> Config:
+        """Return a copy in ``mode`` (the CLI's audit/enforce subcommand overrides the file)."""
+        return dataclasses.replace(self, mode=mode)
+
+
+def _convert(value: Any, default: Any, doc: yamlsrc.Document, keypath: yamlsrc.KeyPath) -> Any:
+    """Check ``value`` against the type of the field's default and convert lists to tuples."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise doc.error(keypath, f"must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise doc.error(keypath, f"must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise doc.error(keypath, f"must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str) or default is None:
+        if not isinstance(value, str):
+            raise doc.error(keypath, f"must be a string, got {value!r}")
+        return value
+    if isinstance(default, tuple):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise doc.error(keypath, "must be a list of strings")
+        return tuple(value)
+    raise doc.error(keypath, "unsupported value")  # pragma: no cover - every field has one of the above types
+
+
+def _build(cls: type[Any], data: Any, doc: yamlsrc.Document, keypath: yamlsrc.KeyPath) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise doc.error(keypath, "must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        sub = keypath + (str(key),)
+        if key not in fields:
+            raise doc.error(sub, f"unknown key (known: {', '.join(sorted(fields))})")
+        f = fields[key]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if dataclasses.is_dataclass(default):
+            kwargs[key] = _build(type(default), value, doc, sub)
+        else:
+            kwargs[key] = _convert(value, default, doc, sub)
+    try:
+        return cls(**kwargs)
+    except _FieldError as exc:
+        raise doc.error(keypath + (exc.key,), str(exc)) from None
+
+
+def from_document(doc: yamlsrc.Document) -> Config:
+    """Validate a parsed agent.yaml document into a Config."""
+    config: Config = _build(Config, doc.data, doc, ())
+    return dataclasses.replace(config, source=doc.path)
+
+
+def load(path: str = DEFAULT_PATH, required: bool = False) -> Config:
+    """Load agent.yaml from ``path``.
+
+    A missing file at the default path means built-in defaults; with ``required`` (an explicit ``--config``)
+    it is an error, since the operator named a file that is not there.
+    """
+    if not os.path.exists(path):
+        if required:
+            raise ConfigError("no such file", path=path)
+        return Config()
+    return from_document(yamlsrc.load(path))
