@@ -1,0 +1,37 @@
+"""The Caller: who is on the other end of an intercepted connection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Caller:
+    """A process identified as the client of one TCP connection.
+
+    ``known`` is False when the process could not be identified (it vanished, its /proc entry was unreadable,
+    the socket was not found); such a caller carries ``reason`` and is never trusted as anyone in particular.
+    """
+
+    known: bool
+    pid: Optional[int] = None
+    exe: Optional[str] = None
+    uid: Optional[int] = None
+    user: Optional[str] = None
+    cmdline: tuple[str, ...] = ()
+    create_time: Optional[float] = None
+    unit: Optional[str] = None
+    container: Optional[str] = None
+    reason: str = ""
+
+    @classmethod
+    def unknown(cls, reason: str, uid: Optional[int] = None) -> Caller:
+        """An unidentified caller; ``uid`` is kept when the socket lookup found it but the process did not."""
+        return cls(known=False, uid=uid, reason=reason)
+
+    def describe(self) -> str:
+        """A short human description for logs and deny messages (never contains secrets)."""
+        if not self.known:
+            return f"unknown caller (uid={self.uid if self.uid is not None else '?'}: {self.reason})"
+        return f"{self.exe} (pid={self.pid}, uid={self.uid})"
