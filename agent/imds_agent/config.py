@@ -215,7 +215,7 @@ def _build(cls: type[Any], data: Any, doc: yamlsrc.Document, keypath: yamlsrc.Ke
         if key not in fields:
             raise doc.error(sub, f"unknown key (known: {', '.join(sorted(fields))})")
         f = fields[key]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         if dataclasses.is_dataclass(default):
             kwargs[key] = _build(type(default), value, doc, sub)
         else:
