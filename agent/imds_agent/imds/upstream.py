@@ -1,0 +1,137 @@
+"""Pooled HTTP client for the metadata service.
+
+One urllib3 pool for the agent's lifetime: keep-alive connections are reused across client requests, which is
+what keeps the latency the agent adds small. Nothing is added to a forwarded request but what the caller asks
+for: urllib3's default User-Agent, Accept-Encoding and Host are suppressed unless the client sent its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import urllib3
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    HTTPError,
+    MaxRetryError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+)
+from urllib3.util import SKIP_HEADER, Retry, Timeout
+
+from ..config import UpstreamConfig
+from ..errors import UpstreamError
+
+log = logging.getLogger(__name__)
+
+Headers = list[tuple[str, str]]
+
+# Headers urllib3 or http.client would add on their own; SKIP_HEADER keeps them out unless the client sent them.
+_SKIPPABLE = ("host", "accept-encoding", "user-agent")
+
+
+@dataclass(frozen=True)
+class UpstreamResponse:
+    """A complete answer from the metadata service (bodies are small: the largest, user-data, is 16 KiB)."""
+
+    status: int
+    reason: str
+    headers: Headers
+    body: bytes
+
+
+class Upstream:
+    """Sends requests to the metadata service over a bounded pool of keep-alive connections."""
+
+    def __init__(self, config: UpstreamConfig, host: Optional[str] = None):
+        self.host = host or config.ipv4
+        self.port = config.port
+        self.timeout = Timeout(connect=config.connect_timeout, read=config.read_timeout)
+        # No retries here: the handler decides what may be retried (a 401 once, with a fresh token); a silent
+        # read retry would double the time a client waits for a 504.
+        self._pool = urllib3.HTTPConnectionPool(
+            self.host,
+            self.port,
+            maxsize=config.pool_size,
+            block=False,
+            timeout=self.timeout,
+            retries=Retry(total=0, connect=0, read=0, redirect=0, status=0, other=0, raise_on_status=False),
+        )
+
+    @property
+    def netloc(self) -> str:
+        """host:port as written in messages, with IPv6 literals bracketed."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def request(self, method: str, target: str, headers: Headers) -> UpstreamResponse:
+        """Send one request and return the whole response.
+
+        Raises UpstreamError with status 502 (unreachable, connection broken) or 504 (timed out), whose message
+        names the cause and never includes header values.
+        """
+        send: dict[str, str] = {}
+        for name, value in headers:
+            key = name.lower()
+            # http.client would join duplicates anyway; IMDS requests carry no repeatable headers.
+            send[name] = value if key not in send else send[name] + ", " + value
+        present = {name.lower() for name in send}
+        for name in _SKIPPABLE:
+            if name not in present:
+                send[name] = SKIP_HEADER
+        try:
+            resp = self._pool.urlopen(
+                method,
+                target,
+                headers=send,
+                redirect=False,
+                assert_same_host=False,
+                preload_content=True,
+                decode_content=False,
+            )
+        except MaxRetryError as exc:
+            raise self._classify(exc.reason or exc) from None
+        except HTTPError as exc:
+            raise self._classify(exc) from None
+        except OSError as exc:
+            raise UpstreamError(f"metadata service at {self.netloc} failed: {exc.strerror or exc}", 502) from None
+        return UpstreamResponse(
+            status=resp.status,
+            reason=resp.reason or "",
+            headers=list(resp.headers.items()),
+            body=resp.data or b"",
+        )
+
+    def _classify(self, exc: BaseException) -> UpstreamError:
+        where = f"metadata service at {self.netloc}"
+        if isinstance(exc, ConnectTimeoutError):
+            return UpstreamError(f"{where} did not accept a connection within {self.timeout.connect_timeout}s", 504)
+        if isinstance(exc, ReadTimeoutError):
+            return UpstreamError(f"{where} did not answer within {self.timeout.read_timeout}s", 504)
+        if isinstance(exc, NewConnectionError):
+            cause = _errno_text(exc)
+            return UpstreamError(f"{where} is unreachable: {cause}", 502)
+        if isinstance(exc, ProtocolError):
+            return UpstreamError(f"{where} broke the connection: {_errno_text(exc)}", 502)
+        return UpstreamError(f"{where} failed: {type(exc).__name__}", 502)
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self._pool.close()
+
+
+def _errno_text(exc: BaseException) -> str:
+    """The most specific OS-level reason inside a urllib3 exception, e.g. 'Connection refused'."""
+    seen: Optional[BaseException] = exc
+    while seen is not None:
+        for arg in getattr(seen, "args", ()):
+            if isinstance(arg, OSError) and arg.strerror:
+                return arg.strerror
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc)
+    return text.split(": ", 1)[-1] if ": " in text else text
