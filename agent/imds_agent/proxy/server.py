@@ -1,0 +1,198 @@
+"""Threaded listeners on loopback: accept, one thread per client connection, hand requests to the Forwarder.
+
+Connections are bounded (max_connections); past the bound a client gets an immediate 503 rather than a queue
+that grows without limit. A hook may be given to learn about each accepted connection (the identity lookup
+happens once per TCP connection, never per request) and about each exchange (audit, metrics).
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from ..config import ListenConfig
+from ..errors import AgentError
+from .handler import Exchange, Forwarder
+from .httpio import HttpError, RequestReader, error_response
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Connection:
+    """One accepted client connection; ``context`` carries what the connection hook learnt (e.g. the Caller)."""
+
+    sock: socket.socket
+    peer: tuple[str, int]
+    local: tuple[str, int]
+    context: dict[str, Any] = field(default_factory=dict)
+
+
+ConnectionHook = Callable[[Connection], None]
+ExchangeHook = Callable[[Connection, Exchange], None]
+
+
+class ProxyServer:
+    """Listens on the configured addresses and serves each connection in its own thread."""
+
+    def __init__(
+        self,
+        config: ListenConfig,
+        forwarder: Forwarder,
+        on_connect: Optional[ConnectionHook] = None,
+        on_exchange: Optional[ExchangeHook] = None,
+    ):
+        self.config = config
+        self.forwarder = forwarder
+        self.on_connect = on_connect
+        self.on_exchange = on_exchange
+        self._listeners: list[socket.socket] = []
+        self._slots = threading.BoundedSemaphore(config.max_connections)
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._thread: Optional[threading.Thread] = None
+        self._active: set[socket.socket] = set()
+        self._active_lock = threading.Lock()
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """The (address, port) pairs actually bound (port 0 in the config picks a free one)."""
+        return [s.getsockname()[:2] for s in self._listeners]
+
+    def bind(self) -> None:
+        """Bind and listen on every address; raise AgentError naming the address that failed."""
+        port = self.config.port
+        for address in self.config.addresses:
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((address, port))
+                sock.listen(1024)
+            except OSError as exc:
+                sock.close()
+                self.close()
+                host = f"[{address}]" if family == socket.AF_INET6 else address
+                raise AgentError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+            self._listeners.append(sock)
+            if port == 0:
+                # Listen on the same port everywhere so the redirect has one target port.
+                port = sock.getsockname()[1]
+
+    def start(self) -> None:
+        """Bind if needed and start accepting in a background thread."""
+        if not self._listeners:
+            self.bind()
+        self._thread = threading.Thread(target=self._accept_loop, name="imds-accept", daemon=True)
+        self._thread.start()
+        log.info("listening on %s", ", ".join(_fmt(a) for a in self.addresses))
+
+    def close(self) -> None:
+        """Stop accepting, close listeners and every open client connection, wait for the accept thread."""
+        self._stop.set()
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5)
+        for sock in self._listeners:
+            sock.close()
+        self._listeners = []
+        with self._active_lock:
+            for sock in list(self._active):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _accept_loop(self) -> None:
+        sel = selectors.DefaultSelector()
+        for sock in self._listeners:
+            sel.register(sock, selectors.EVENT_READ)
+        sel.register(self._wake_r, selectors.EVENT_READ)
+        try:
+            while not self._stop.is_set():
+                for key, _ in sel.select():
+                    if key.fileobj is self._wake_r:
+                        return
+                    self._accept(key.fileobj)  # type: ignore[arg-type]
+        finally:
+            sel.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            sock, peer = listener.accept()
+        except OSError as exc:
+            log.warning("accept failed: %s", exc)
+            return
+        if not self._slots.acquire(blocking=False):
+            log.warning("connection limit %d reached; refusing %s", self.config.max_connections, _fmt(peer))
+            _send_and_close(sock, error_response(503, "too many connections", close=True))
+            return
+        conn = Connection(sock, peer[:2], sock.getsockname()[:2])
+        thread = threading.Thread(target=self._serve, args=(conn,), name="imds-conn", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:
+            self._slots.release()
+            _send_and_close(sock, error_response(503, "cannot start a worker", close=True))
+
+    def _serve(self, conn: Connection) -> None:
+        sock = conn.sock
+        with self._active_lock:
+            self._active.add(sock)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.on_connect is not None:
+                self.on_connect(conn)
+            reader = RequestReader(sock, self.config.idle_timeout, self.config.request_timeout)
+            while not self._stop.is_set():
+                try:
+                    req = reader.read()
+                except HttpError as exc:
+                    log.info("bad request from %s: %s", _fmt(conn.peer), exc)
+                    _send(sock, error_response(exc.status, exc.message, close=True))
+                    return
+                if req is None:
+                    return
+                reply = self.forwarder.handle(req)
+                if not _send(sock, reply.data):
+                    return
+                if self.on_exchange is not None:
+                    self.on_exchange(conn, reply.exchange)
+                if reply.close:
+                    return
+        except Exception:
+            # A bug in one connection must not take the listener down with it.
+            log.exception("unexpected error serving %s", _fmt(conn.peer))
+        finally:
+            with self._active_lock:
+                self._active.discard(sock)
+            sock.close()
+            self._slots.release()
+
+
+def _send(sock: socket.socket, data: bytes) -> bool:
+    try:
+        sock.settimeout(10)
+        sock.sendall(data)
+        return True
+    except OSError:
+        return False
+
+
+def _send_and_close(sock: socket.socket, data: bytes) -> None:
+    _send(sock, data)
+    sock.close()
+
+
+def _fmt(addr: tuple[str, int]) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
