@@ -1,0 +1,129 @@
+"""Resolve the agent's user and drop from root to it, keeping only the capabilities the agent needs.
+
+Capabilities are per thread in Linux, so the drop must happen before the agent starts any thread; the daemon
+calls drop_to() after the listener is bound and the rules are in, and before it starts accepting.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import pwd
+from dataclasses import dataclass
+
+from .errors import ConfigError, PrivilegeError
+
+log = logging.getLogger(__name__)
+
+CAP_DAC_READ_SEARCH = 2
+CAP_NET_ADMIN = 12
+CAP_NET_RAW = 13
+CAP_SYS_PTRACE = 19
+CAP_NAMES = {
+    CAP_DAC_READ_SEARCH: "CAP_DAC_READ_SEARCH",
+    CAP_NET_ADMIN: "CAP_NET_ADMIN",
+    CAP_NET_RAW: "CAP_NET_RAW",
+    CAP_SYS_PTRACE: "CAP_SYS_PTRACE",
+}
+# NET_ADMIN: repair the redirect rules (netlink, xtables). NET_RAW: libiptc talks to the kernel over a raw socket.
+# SYS_PTRACE and DAC_READ_SEARCH: read other users' /proc/PID/fd links to find which process owns a socket.
+REQUIRED_CAPS = (CAP_DAC_READ_SEARCH, CAP_NET_ADMIN, CAP_NET_RAW, CAP_SYS_PTRACE)
+
+_PR_SET_KEEPCAPS = 8
+_PR_CAPBSET_DROP = 24
+_PR_SET_NO_NEW_PRIVS = 38
+_CAP_VERSION_3 = 0x20080522
+
+
+@dataclass(frozen=True)
+class Account:
+    """The user the agent runs as; ``name`` is None for a numeric uid with no passwd entry."""
+
+    uid: int
+    gid: int
+    name: str | None
+
+
+def resolve_user(user: str, source: str | None = None) -> Account:
+    """Look up ``user`` (a name or a numeric uid); an unknown name is a configuration error."""
+    if user.isdigit():
+        uid = int(user)
+        try:
+            entry = pwd.getpwuid(uid)
+            return Account(uid, entry.pw_gid, entry.pw_name)
+        except KeyError:
+            return Account(uid, uid, None)
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(
+            f"user {user!r} does not exist (the package creates it via sysusers.d)", path=source, key="user"
+        ) from None
+    return Account(entry.pw_uid, entry.pw_gid, entry.pw_name)
+
+
+def effective_caps() -> set[int]:
+    """The calling thread's effective capabilities, read from /proc."""
+    with open("/proc/thread-self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("CapEff:"):
+                mask = int(line.split()[1], 16)
+                return {bit for bit in range(64) if mask >> bit & 1}
+    return set()
+
+
+def missing_caps(wanted: tuple[int, ...] = REQUIRED_CAPS) -> list[str]:
+    """Names of the ``wanted`` capabilities the process does not hold."""
+    have = effective_caps()
+    return [CAP_NAMES.get(c, str(c)) for c in wanted if c not in have]
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise PrivilegeError(f"{what} failed: {os.strerror(err)}")
+
+
+def drop_to(account: Account, keep: tuple[int, ...] = REQUIRED_CAPS) -> None:
+    """Switch from root to ``account`` keeping exactly ``keep`` as permitted and effective capabilities.
+
+    Also empties the bounding set of everything else and sets no_new_privs, so nothing the agent might exec
+    could regain privileges.
+    """
+    if os.geteuid() != 0:
+        raise PrivilegeError("dropping privileges needs root")
+    libc = _libc()
+    with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as fh:
+        last_cap = int(fh.read())
+    for cap in range(last_cap + 1):
+        if cap not in keep:
+            _check(libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0), f"dropping capability {cap} from the bounding set")
+    _check(libc.prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0), "prctl(PR_SET_KEEPCAPS)")
+    os.setgroups([])
+    os.setresgid(account.gid, account.gid, account.gid)
+    os.setresuid(account.uid, account.uid, account.uid)
+    mask = 0
+    for cap in keep:
+        mask |= 1 << cap
+    header = _CapHeader(_CAP_VERSION_3, 0)
+    data = (_CapData * 2)(_CapData(mask & 0xFFFFFFFF, mask & 0xFFFFFFFF, 0), _CapData(mask >> 32, mask >> 32, 0))
+    _check(libc.capset(ctypes.byref(header), data), "capset")
+    _check(libc.prctl(_PR_SET_KEEPCAPS, 0, 0, 0, 0), "prctl(PR_SET_KEEPCAPS, 0)")
+    _check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    log.info(
+        "running as uid %d with %s", account.uid, ", ".join(CAP_NAMES.get(c, str(c)) for c in sorted(keep)) or "none"
+    )
