@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
 from collections.abc import Sequence
 from typing import Optional
 
-from . import __version__
+from . import __version__, privileges
 from . import config as configmod
-from .errors import EXIT_OK, AgentError
+from .errors import EXIT_FAILURE, EXIT_OK, AgentError
+from .redirect.base import BACKENDS, Backend, RedirectSpec, State, make_backend, select_backend
+from .redirect.lifecycle import spec_for
 
 log = logging.getLogger("imds_agent")
 
@@ -47,6 +51,71 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _backend_for(args: argparse.Namespace) -> tuple[configmod.Config, Backend]:
+    config = _load(args)
+    name = args.backend or config.redirect.backend
+    return config, select_backend(name)
+
+
+def _spec(config: configmod.Config) -> RedirectSpec:
+    account = privileges.resolve_user(config.user, config.source)
+    return spec_for(config.redirect, config.upstream, account.uid, config.listen.port)
+
+
+def cmd_rules_show(args: argparse.Namespace) -> int:
+    """Print what redirect rules are installed, against what the configuration asks for."""
+    config, backend = _backend_for(args)
+    try:
+        result = backend.check(_spec(config))
+    finally:
+        backend.close()
+    if args.json:
+        doc = dataclasses.asdict(result)
+        doc["state"] = result.state.value
+        print(json.dumps(doc, indent=2))
+        return EXIT_OK
+    owned = {None: "", True: ", owned by the running agent (removed when it exits)", False: ", persistent"}
+    print(f"backend: {result.backend}")
+    print(f"state: {result.state.value}{owned[result.owned] if result.state is not State.ABSENT else ''}")
+    for detail in result.details:
+        print(f"  ! {detail}")
+    for rule in result.rules:
+        counters = f"  [{rule.packets} packets, {rule.bytes} bytes]" if rule.packets is not None else ""
+        print(f"  {rule.family}: {rule.text}{counters}")
+    return EXIT_OK
+
+
+def cmd_rules_apply(args: argparse.Namespace) -> int:
+    """Install the redirect as the configuration describes it, persistent until `rules remove`."""
+    config, backend = _backend_for(args)
+    try:
+        spec = _spec(config)
+        backend.apply(spec, owned=False)
+        state = backend.check(spec).state
+    finally:
+        backend.close()
+    print(f"{backend.name}: redirect rules {state.value}")
+    return EXIT_OK if state is State.PRESENT else EXIT_FAILURE
+
+
+def cmd_rules_remove(args: argparse.Namespace) -> int:
+    """Remove the agent's rules from every backend (crash recovery, uninstall); idempotent."""
+    # No config needed: removal must work even when the configuration is broken or already gone.
+    names = [args.backend] if args.backend else list(BACKENDS)
+    for name in names:
+        backend = make_backend(name)
+        if not backend.is_supported():
+            if args.backend:
+                print(f"{name}: not supported here ({backend.unsupported_reason()})")
+            continue
+        try:
+            removed = backend.remove()
+        finally:
+            backend.close()
+        print(f"{name}: {'removed' if removed else 'nothing installed'}")
+    return EXIT_OK
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     """Print the version."""
     print(f"imds-agent {__version__}")
@@ -73,6 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("check-config", help="validate the configuration and print the effective settings")
     p.set_defaults(func=cmd_check_config)
+    rules = sub.add_parser("rules", help="show, install or remove the kernel redirect rules")
+    rsub = rules.add_subparsers(dest="rules_command", metavar="ACTION")
+    rsub.required = True
+    for action, func, text in (
+        ("show", cmd_rules_show, "show the installed rules, their state and packet counters"),
+        ("apply", cmd_rules_apply, "install the rules (persistent until removed)"),
+        ("remove", cmd_rules_remove, "remove the agent's rules (all backends unless --backend is given)"),
+    ):
+        p = rsub.add_parser(action, help=text)
+        p.add_argument("--backend", choices=BACKENDS, help="backend to use (default: the configuration's)")
+        if action == "show":
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(func=func)
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)
     return parser

@@ -1,0 +1,111 @@
+"""The redirect over the agent's lifetime: install once the listener is up, keep in place, undo as fail_mode says.
+
+fail_mode open: the metadata service must stay reachable when the agent is gone, even after SIGKILL. With
+nftables the table is created owned by the agent's netlink socket, so the kernel drops it when the process dies;
+iptables has no such notion, so a small guardian process (started while still root) removes the rules when the
+agent's end of a pipe closes without a goodbye. On SIGTERM the agent removes the rules itself.
+
+fail_mode closed: the rules persist when the agent stops or dies, so nothing but the agent's own uid reaches the
+metadata service while it is down (clients get connection refused instead of unfiltered access).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional
+
+from ..config import RedirectConfig, UpstreamConfig
+from .base import Backend, CheckResult, RedirectSpec, select_backend
+
+log = logging.getLogger(__name__)
+
+
+def spec_for(redirect: RedirectConfig, upstream: UpstreamConfig, exempt_uid: int, listen_port: int) -> RedirectSpec:
+    """The redirect the configuration asks for, towards a listener on ``listen_port``."""
+    return RedirectSpec(
+        exempt_uid=exempt_uid,
+        listen_port=listen_port,
+        ipv4=upstream.ipv4,
+        ipv6=upstream.ipv6,
+        port=upstream.port,
+        with_ipv6=redirect.ipv6,
+    )
+
+
+class Interception:
+    """Owns the backend, the guardian (when needed) and the reconciler for one agent run."""
+
+    def __init__(self, config: RedirectConfig, spec: RedirectSpec, backend: Optional[Backend] = None):
+        self.config = config
+        self.spec = spec
+        self.backend = backend if backend is not None else select_backend(config.backend)
+        self.fail_open = config.fail_mode == "open"
+        # nftables can tie the table to our socket; other backends need the guardian for fail-open.
+        self.owned = self.fail_open and self.backend.name == "nftables"
+        self._guardian: Any = None
+        self._reconciler: Any = None
+
+    def install(self) -> float:
+        """Apply the rules (and arm the guardian first where one is needed); return the time taken in seconds."""
+        if self.fail_open and not self.owned:
+            from .guardian import start_guardian
+
+            self._guardian = start_guardian(self.backend.name)
+        started = time.monotonic()
+        self.backend.apply(self.spec, owned=self.owned)
+        elapsed = time.monotonic() - started
+        log.info(
+            "redirect installed with %s in %.1f ms (exempt uid %d, to port %d, ipv6 %s, fail_mode %s)",
+            self.backend.name,
+            elapsed * 1000,
+            self.spec.exempt_uid,
+            self.spec.listen_port,
+            "on" if self.spec.with_ipv6 else "off",
+            self.config.fail_mode,
+        )
+        return elapsed
+
+    def start_reconciler(self) -> None:
+        """Check the rules every reconcile_interval seconds and repair them (not started when the interval is 0)."""
+        from ..reconcile import Reconciler
+
+        self._reconciler = Reconciler(self.backend, self.spec, self.owned, self.config.reconcile_interval)
+        self._reconciler.start()
+
+    @property
+    def repairs(self) -> int:
+        """How many times the reconciler had to re-apply the rules."""
+        return int(self._reconciler.repairs) if self._reconciler is not None else 0
+
+    def check(self) -> CheckResult:
+        """The current state of our rules against the spec."""
+        return self.backend.check(self.spec)
+
+    def shutdown(self) -> None:
+        """Stop reconciling; remove the rules when failing open, keep them when failing closed."""
+        steps = [("stop the reconciler", self._stop_reconciler)]
+        if self.fail_open:
+            steps.append(("remove the redirect rules", self._remove))
+        else:
+            log.info("fail_mode closed: leaving the redirect rules in place")
+        steps.append(("release the guardian", self._stop_guardian))
+        steps.append(("close the backend", self.backend.close))
+        for what, step in steps:
+            try:
+                step()
+            except Exception:
+                log.exception("cannot %s", what)
+
+    def _stop_reconciler(self) -> None:
+        if self._reconciler is not None:
+            self._reconciler.stop()
+
+    def _remove(self) -> None:
+        if self.backend.remove():
+            log.info("redirect rules removed")
+
+    def _stop_guardian(self) -> None:
+        if self._guardian is not None:
+            self._guardian.stop()
+            self._guardian = None
