@@ -54,14 +54,14 @@ def _timeout(value: float, key: str) -> None:
 class ListenConfig:
     """Where the forwarder listens and how it treats its clients."""
 
-    port: int = 8775
+    port: int = 8775  # 0 picks a free port (the redirect follows it); tests use that
     addresses: tuple[str, ...] = ("127.0.0.1", "::1")
     max_connections: int = 512
     idle_timeout: float = 30.0  # a keep-alive connection with no new request is closed after this
     request_timeout: float = 5.0  # a request's line and headers must arrive within this (slow clients -> 408)
 
     def __post_init__(self) -> None:
-        _port(self.port, "port")
+        _check(0 <= self.port <= 65535, "port", f"port must be 0..65535, got {self.port}")
         _check(len(self.addresses) > 0, "addresses", "needs at least one address")
         for addr in self.addresses:
             try:

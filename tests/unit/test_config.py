@@ -53,7 +53,7 @@ def test_values_are_read(tmp_path: Path) -> None:
     ("text", "line", "key", "fragment"),
     [
         ("mode: permissive\n", 1, "mode", "audit or enforce"),
-        ("listen:\n  port: 70000\n", 2, "listen.port", "1..65535"),
+        ("listen:\n  port: 70000\n", 2, "listen.port", "0..65535"),
         ("listen:\n  port: '80'\n", 2, "listen.port", "must be an integer"),
         ("token:\n  ttl: 600\n  refresh_margin: 600\n", 3, "token.refresh_margin", "less than ttl"),
         ("token:\n  ttl: 21601\n", 2, "token.ttl", "1..21600"),

@@ -107,13 +107,15 @@ class Upstream:
 
     def _classify(self, exc: BaseException) -> UpstreamError:
         where = f"metadata service at {self.netloc}"
+        # urllib3 2 makes NewConnectionError a subclass of ConnectTimeoutError, so a refused connection must be
+        # told apart before the timeout test (refused is 502, timed out is 504).
+        if isinstance(exc, NewConnectionError):
+            cause = _errno_text(exc)
+            return UpstreamError(f"{where} is unreachable: {cause}", 502)
         if isinstance(exc, ConnectTimeoutError):
             return UpstreamError(f"{where} did not accept a connection within {self.timeout.connect_timeout}s", 504)
         if isinstance(exc, ReadTimeoutError):
             return UpstreamError(f"{where} did not answer within {self.timeout.read_timeout}s", 504)
-        if isinstance(exc, NewConnectionError):
-            cause = _errno_text(exc)
-            return UpstreamError(f"{where} is unreachable: {cause}", 502)
         if isinstance(exc, ProtocolError):
             return UpstreamError(f"{where} broke the connection: {_errno_text(exc)}", 502)
         return UpstreamError(f"{where} failed: {type(exc).__name__}", 502)

@@ -100,6 +100,8 @@ class RequestReader:
         deadline = time.monotonic() + self._request
         while True:
             end, sep = _find_head_end(self._buf)
+            if end > MAX_HEAD_BYTES:
+                raise HttpError(431, f"request head exceeds {MAX_HEAD_BYTES} bytes")
             if end >= 0:
                 head = bytes(self._buf[:end])
                 del self._buf[: end + sep]
