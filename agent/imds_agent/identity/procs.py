@@ -1,0 +1,159 @@
+"""From a socket inode to the process holding it, and from the process to a Caller.
+
+The pid search is ordered by cost: processes that called recently (most callers are daemons that call again),
+then only the processes of the socket's uid (sock_diag told us the uid), then every process as a last resort
+(a socket passed to a process of another uid). A process is described once per (pid, create time): pids are
+reused, the pair is not.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from typing import Optional
+
+import psutil
+
+from .caller import Caller
+
+log = logging.getLogger(__name__)
+
+PROC = "/proc"
+RECENT_PIDS = 256
+DESCRIBED = 1024
+_CONTAINER = re.compile(r"(?:docker-|cri-containerd-|crio-|libpod-|/docker/|/kubepods/.*/)([0-9a-f]{64})")
+_UNIT = re.compile(r"/([^/]+\.(?:service|scope))(?:/|$)")
+
+
+def holds_socket(pid: int, target: str, proc: str = PROC) -> bool:
+    """Whether ``pid`` has an fd that is the socket ``target`` ('socket:[INODE]'); False if it cannot be read."""
+    fd_dir = f"{proc}/{pid}/fd"
+    try:
+        with os.scandir(fd_dir) as entries:
+            for entry in entries:
+                try:
+                    if os.readlink(entry.path) == target:
+                        return True
+                except OSError:
+                    continue
+    except OSError:
+        return False
+    return False
+
+
+def pids_of_uid(uid: int, proc: str = PROC) -> Iterator[int]:
+    """Pids whose /proc entry belongs to ``uid`` (the effective uid, as /proc shows it for ordinary processes)."""
+    for pid in all_pids(proc):
+        try:
+            if os.stat(f"{proc}/{pid}").st_uid == uid:
+                yield pid
+        except OSError:
+            continue
+
+
+def all_pids(proc: str = PROC) -> Iterator[int]:
+    """Every numeric entry of /proc."""
+    try:
+        names = os.listdir(proc)
+    except OSError:
+        return
+    for name in names:
+        if name.isdigit():
+            yield int(name)
+
+
+def unit_and_container(cgroup_text: str) -> tuple[Optional[str], Optional[str]]:
+    """The systemd unit and the container id named by a /proc/PID/cgroup file, where there are any."""
+    path = ""
+    for line in cgroup_text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3 and (parts[0] == "0" or "name=systemd" in parts[1]):
+            path = parts[2]
+            break
+    container = _CONTAINER.search(path)
+    units = _UNIT.findall(path)
+    unit = units[-1] if units else None
+    return unit, container.group(1) if container else None
+
+
+class ProcessIndex:
+    """Finds the pid holding a socket and describes processes, with small caches."""
+
+    def __init__(self, proc: str = PROC):
+        self.proc = proc
+        self._lock = threading.Lock()
+        self._recent: OrderedDict[int, None] = OrderedDict()
+        self._described: OrderedDict[tuple[int, float], Caller] = OrderedDict()
+        self.scans = {"recent": 0, "uid": 0, "full": 0, "miss": 0}
+
+    def find_pid(self, inode: int, uid: Optional[int]) -> Optional[int]:
+        """The pid of a process holding socket ``inode``, or None if no readable process holds it."""
+        target = f"socket:[{inode}]"
+        with self._lock:
+            recent = list(reversed(self._recent))
+        tiers: list[tuple[str, Iterable[int]]] = [("recent", recent)]
+        if uid is not None:
+            tiers.append(("uid", pids_of_uid(uid, self.proc)))
+        tiers.append(("full", all_pids(self.proc)))
+        tried: set[int] = set()
+        for tier, pids in tiers:
+            for pid in pids:
+                if pid in tried:
+                    continue
+                tried.add(pid)
+                if holds_socket(pid, target, self.proc):
+                    self.scans[tier] += 1
+                    self._remember(pid)
+                    return pid
+        self.scans["miss"] += 1
+        return None
+
+    def _remember(self, pid: int) -> None:
+        with self._lock:
+            self._recent[pid] = None
+            self._recent.move_to_end(pid)
+            while len(self._recent) > RECENT_PIDS:
+                self._recent.popitem(last=False)
+
+    def describe(self, pid: int) -> Caller:
+        """The Caller for ``pid``; ``unknown`` when it vanished or cannot be read (never a guess)."""
+        try:
+            proc = psutil.Process(pid)
+            with proc.oneshot():
+                created = proc.create_time()
+                key = (pid, created)
+                with self._lock:
+                    cached = self._described.get(key)
+                if cached is not None:
+                    return cached
+                exe = proc.exe()
+                uid = proc.uids().real
+                cmdline = tuple(proc.cmdline())
+        except psutil.NoSuchProcess:
+            return Caller.unknown(f"process {pid} exited before it could be identified")
+        except (psutil.AccessDenied, psutil.ZombieProcess, OSError) as exc:
+            return Caller.unknown(f"process {pid} cannot be read: {type(exc).__name__}")
+        if not exe:
+            return Caller.unknown(f"process {pid} has no executable (kernel thread or exited)", uid=uid)
+        try:
+            user: Optional[str] = proc.username()
+        except (psutil.Error, KeyError):
+            user = None
+        unit, container = self._cgroup(pid)
+        caller = Caller(True, pid, exe, uid, user, cmdline, created, unit, container)
+        with self._lock:
+            self._described[key] = caller
+            while len(self._described) > DESCRIBED:
+                self._described.popitem(last=False)
+        return caller
+
+    def _cgroup(self, pid: int) -> tuple[Optional[str], Optional[str]]:
+        try:
+            with open(f"{self.proc}/{pid}/cgroup", encoding="utf-8", errors="replace") as fh:
+                return unit_and_container(fh.read())
+        except OSError:
+            return None, None

@@ -1,0 +1,54 @@
+"""Who is on the other end of an accepted connection: socket lookup, then pid, then the process's description.
+
+Every step can fail for legitimate reasons (the client already closed, the process exited, its /proc entry is
+unreadable); each failure gives an ``unknown`` Caller with the reason, never a guess. The result is taken once
+per TCP connection and reused for its keep-alive requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+from .caller import Caller
+from .procs import ProcessIndex
+from .sockets import SocketLookup
+
+log = logging.getLogger(__name__)
+
+
+class Identifier:
+    """Resolves connections to Callers; thread-safe, shared by all connection threads."""
+
+    def __init__(self, lookup: Optional[SocketLookup] = None, index: Optional[ProcessIndex] = None):
+        self.lookup = lookup or SocketLookup()
+        self.index = index or ProcessIndex()
+        self.last_cost = 0.0
+
+    def identify(
+        self, peer: tuple[str, int], local: tuple[str, int], original_dst: Optional[tuple[str, int]]
+    ) -> Caller:
+        """The Caller whose socket is ``peer`` connected to ``original_dst`` (after DNAT) or ``local`` (direct)."""
+        started = time.perf_counter()
+        try:
+            return self._identify(peer, original_dst or local)
+        finally:
+            self.last_cost = time.perf_counter() - started
+
+    def _identify(self, peer: tuple[str, int], dialled: tuple[str, int]) -> Caller:
+        try:
+            owner = self.lookup.owner(peer, dialled)
+        except OSError as exc:
+            log.warning("socket lookup failed: %s", exc)
+            return Caller.unknown(f"socket lookup failed: {exc.strerror or exc}")
+        if owner is None:
+            return Caller.unknown("the client's socket was not found (not local, or already closed)")
+        pid = self.index.find_pid(owner.inode, owner.uid)
+        if pid is None:
+            return Caller.unknown(f"no readable process holds socket {owner.inode}", uid=owner.uid)
+        return self.index.describe(pid)
+
+    def close(self) -> None:
+        """Release the netlink socket."""
+        self.lookup.close()

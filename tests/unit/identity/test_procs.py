@@ -1,0 +1,64 @@
+"""Pid search order and process description against a fake /proc tree (no real processes involved)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from imds_agent.identity.procs import ProcessIndex, holds_socket, unit_and_container
+
+
+def fake_proc(root: Path, pid: int, sockets: list[int]) -> None:
+    fd = root / str(pid) / "fd"
+    fd.mkdir(parents=True)
+    for n, inode in enumerate(sockets):
+        os.symlink(f"socket:[{inode}]", fd / str(n))
+    os.symlink("/dev/null", fd / "99")
+
+
+def test_holds_socket(tmp_path: Path) -> None:
+    fake_proc(tmp_path, 10, [111, 222])
+    assert holds_socket(10, "socket:[222]", str(tmp_path))
+    assert not holds_socket(10, "socket:[333]", str(tmp_path))
+    assert not holds_socket(11, "socket:[111]", str(tmp_path))  # no such pid: not an error
+
+
+def test_recent_pids_are_tried_first_then_the_uid_then_all(tmp_path: Path) -> None:
+    fake_proc(tmp_path, 10, [111])
+    fake_proc(tmp_path, 20, [222])
+    index = ProcessIndex(str(tmp_path))
+    uid = os.getuid()
+    assert index.find_pid(222, uid) == 20
+    assert index.scans["uid"] == 1
+    assert index.find_pid(222, uid) == 20
+    assert index.scans["recent"] == 1
+    assert index.find_pid(111, uid + 1) == 10  # wrong uid: found by the full scan
+    assert index.scans["full"] == 1
+    assert index.find_pid(999, uid) is None
+    assert index.scans["miss"] == 1
+
+
+def test_unit_and_container_from_cgroup() -> None:
+    v2 = "0::/system.slice/amazon-ssm-agent.service\n"
+    assert unit_and_container(v2) == ("amazon-ssm-agent.service", None)
+    cid = "ab" * 32
+    docker = f"0::/system.slice/docker-{cid}.scope\n"
+    assert unit_and_container(docker) == (f"docker-{cid}.scope", cid)
+    v1 = f"12:pids:/docker/{cid}\n1:name=systemd:/docker/{cid}\n"
+    assert unit_and_container(v1) == (None, cid)
+    user = "0::/user.slice/user-1000.slice/session-3.scope\n"
+    assert unit_and_container(user) == ("session-3.scope", None)
+    assert unit_and_container("") == (None, None)
+
+
+def test_describe_a_vanished_process_is_unknown(tmp_path: Path) -> None:
+    caller = ProcessIndex(str(tmp_path)).describe(2**22 + 12345)
+    assert not caller.known and "exited" in caller.reason
+
+
+def test_describe_this_process_and_cache_it() -> None:
+    index = ProcessIndex()
+    caller = index.describe(os.getpid())
+    assert caller.known and caller.pid == os.getpid() and caller.exe and os.path.isabs(caller.exe)
+    assert caller.uid == os.getuid() and caller.cmdline
+    assert index.describe(os.getpid()) is caller
