@@ -1,0 +1,124 @@
+"""policy.d/*.yaml -> Policy. Files are read in sorted order; every error names the file, the line and the key.
+
+A policy file:
+
+    rules:
+      - name: amazon-ssm-agent
+        exe: [/usr/bin/amazon-ssm-agent, /snap/amazon-ssm-agent/*/amazon-ssm-agent]
+        uid: 0                       # optional: int or list; or `user:` name or list
+        cmdline: "*--flag*"          # optional glob over the space-joined command line
+        sha256: <hex>                # optional: one or a list
+        paths: ["meta-data/**"]      # what it may read (default: everything but the sensitive classes)
+        sensitive: [credentials]     # credentials | identity-credentials | user-data | all
+        inject_token: true           # false: the caller must speak IMDSv2 itself
+
+Loading never half-succeeds: the whole directory parses or nothing changes (the caller keeps the old policy).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from typing import Any
+
+from .. import yamlsrc
+from ..errors import ConfigError
+from .model import Policy, Rule
+from .paths import SENSITIVE_CLASSES
+
+RULE_KEYS = {"name", "exe", "uid", "user", "cmdline", "sha256", "paths", "sensitive", "inject_token"}
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def policy_files(directory: str) -> list[str]:
+    """The policy files in ``directory``, sorted; a missing directory has none."""
+    if not os.path.isdir(directory):
+        return []
+    found = glob.glob(os.path.join(glob.escape(directory), "*.yaml")) + glob.glob(
+        os.path.join(glob.escape(directory), "*.yml")
+    )
+    return sorted(found, key=os.path.basename)
+
+
+def load_policy(directory: str, default: str = "allow-nonsensitive", unknown: str = "deny") -> Policy:
+    """Load every policy file in ``directory``; raise ConfigError naming file, line and key on the first error."""
+    rules: list[Rule] = []
+    files = policy_files(directory)
+    for path in files:
+        rules.extend(load_file(path))
+    return Policy(tuple(rules), default, unknown, tuple(files))
+
+
+def load_file(path: str) -> list[Rule]:
+    """The rules of one policy file."""
+    doc = yamlsrc.load(path)
+    if doc.data is None:
+        return []
+    if not isinstance(doc.data, dict):
+        raise doc.error((), "a policy file must be a mapping with a 'rules' list")
+    for key in doc.data:
+        if key != "rules":
+            raise doc.error((key,), "unknown key (a policy file has only 'rules')")
+    items = doc.data.get("rules") or []
+    if not isinstance(items, list):
+        raise doc.error(("rules",), "must be a list of rules")
+    return [_rule(doc, i, item) for i, item in enumerate(items)]
+
+
+def _strings(doc: yamlsrc.Document, kp: yamlsrc.KeyPath, value: Any) -> tuple[str, ...]:
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, str) and v for v in values):
+        raise doc.error(kp, "must be a non-empty string or a list of them")
+    return tuple(values)
+
+
+def _rule(doc: yamlsrc.Document, i: int, item: Any) -> Rule:
+    kp: yamlsrc.KeyPath = ("rules", i)
+    if not isinstance(item, dict):
+        raise doc.error(kp, "a rule must be a mapping")
+    for key in item:
+        if key not in RULE_KEYS:
+            raise doc.error(kp + (key,), f"unknown key (allowed: {', '.join(sorted(RULE_KEYS))})")
+    if "exe" not in item:
+        raise doc.error(kp, "a rule needs 'exe' (the executable path or glob it is about)")
+    exe = _strings(doc, kp + ("exe",), item["exe"])
+    for pattern in exe:
+        if not pattern.startswith("/"):
+            raise doc.error(kp + ("exe",), f"must be an absolute path or glob: {pattern!r}")
+    uids: tuple[int, ...] = ()
+    if "uid" in item:
+        raw = item["uid"] if isinstance(item["uid"], list) else [item["uid"]]
+        if not raw or not all(isinstance(u, int) and not isinstance(u, bool) and u >= 0 for u in raw):
+            raise doc.error(kp + ("uid",), "must be a uid (integer >= 0) or a list of them")
+        uids = tuple(raw)
+    users = _strings(doc, kp + ("user",), item["user"]) if "user" in item else ()
+    cmdline = item.get("cmdline")
+    if cmdline is not None and not isinstance(cmdline, str):
+        raise doc.error(kp + ("cmdline",), "must be a string (a glob over the command line)")
+    sha256: tuple[str, ...] = ()
+    if "sha256" in item:
+        sha256 = tuple(s.lower() for s in _strings(doc, kp + ("sha256",), item["sha256"]))
+        if not all(_HEX64.match(s) for s in sha256):
+            raise doc.error(kp + ("sha256",), "must be 64 hexadecimal characters")
+    paths = _strings(doc, kp + ("paths",), item["paths"]) if "paths" in item else ("**",)
+    sensitive: tuple[str, ...] = ()
+    if "sensitive" in item:
+        sensitive = _strings(doc, kp + ("sensitive",), item["sensitive"])
+        if sensitive == ("all",):
+            sensitive = tuple(SENSITIVE_CLASSES)
+        bad = [s for s in sensitive if s not in SENSITIVE_CLASSES]
+        if bad:
+            choices = ", ".join([*SENSITIVE_CLASSES, "all"])
+            raise doc.error(kp + ("sensitive",), f"unknown class {bad[0]!r} (choose from {choices})")
+    inject = item.get("inject_token", True)
+    if not isinstance(inject, bool):
+        raise doc.error(kp + ("inject_token",), "must be true or false")
+    name = item.get("name", f"{os.path.basename(doc.path)}#{i + 1}")
+    if not isinstance(name, str) or not name:
+        raise doc.error(kp + ("name",), "must be a non-empty string")
+    source = f"{doc.path}:{doc.line_of(kp) or '?'}"
+    try:
+        return Rule(name, exe, source, uids, users, cmdline, sha256, paths, sensitive, inject)
+    except (ValueError, re.error) as exc:
+        raise ConfigError(str(exc), path=doc.path, line=doc.line_of(kp), key=yamlsrc.dotted(kp)) from None

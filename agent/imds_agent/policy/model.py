@@ -1,0 +1,83 @@
+"""Policy rules as frozen values: who a rule matches (exe, uid/user, cmdline, exe hash) and what it grants.
+
+A rule's ``paths`` select what it grants (default: everything); a path in a sensitive class (role credentials,
+identity credentials, user data) is granted only when the rule also names that class in ``sensitive``, so a
+wildcard can never hand out credentials by accident.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..identity.caller import Caller
+from .paths import SENSITIVE_CLASSES, MetadataPath, compile_glob, normalize_pattern
+
+DEFAULTS = ("deny", "allow-nonsensitive", "allow")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One allowlist entry; ``source`` is 'file:line' for messages and the audit record."""
+
+    name: str
+    exe: tuple[str, ...]
+    source: str = ""
+    uids: tuple[int, ...] = ()
+    users: tuple[str, ...] = ()
+    cmdline: Optional[str] = None
+    sha256: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ("**",)
+    sensitive: tuple[str, ...] = ()
+    inject_token: bool = True
+    _exe_res: tuple[re.Pattern[str], ...] = field(default=(), repr=False, compare=False)
+    _path_res: tuple[re.Pattern[str], ...] = field(default=(), repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for cls in self.sensitive:
+            if cls not in SENSITIVE_CLASSES:
+                raise ValueError(f"unknown sensitive class {cls!r} (choose from {', '.join(SENSITIVE_CLASSES)})")
+        object.__setattr__(self, "_exe_res", tuple(compile_glob(p) for p in self.exe))
+        object.__setattr__(self, "_path_res", tuple(compile_glob(normalize_pattern(p)) for p in self.paths))
+
+    def matches_caller(self, caller: Caller, exe_sha256: Optional[str] = None) -> bool:
+        """Whether this rule is about ``caller`` (never true for an unknown caller)."""
+        if not caller.known or caller.exe is None:
+            return False
+        if not any(r.match(caller.exe) for r in self._exe_res):
+            return False
+        if self.uids and caller.uid not in self.uids:
+            return False
+        if self.users and caller.user not in self.users:
+            return False
+        if self.cmdline is not None and not fnmatch.fnmatchcase(" ".join(caller.cmdline), self.cmdline):
+            return False
+        return not self.sha256 or (exe_sha256 is not None and exe_sha256 in self.sha256)
+
+    def grants(self, path: MetadataPath) -> bool:
+        """Whether this rule grants ``path`` (sensitive classes only when named)."""
+        if path.sensitive is not None and path.sensitive not in self.sensitive:
+            return False
+        return any(r.match(path.path) for r in self._path_res)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The rules from every policy file, in order, with what happens to callers no rule matches."""
+
+    rules: tuple[Rule, ...] = ()
+    default: str = "allow-nonsensitive"
+    unknown: str = "deny"
+    files: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for key in ("default", "unknown"):
+            if getattr(self, key) not in DEFAULTS:
+                raise ValueError(f"{key} must be one of {', '.join(DEFAULTS)}")
+
+    @property
+    def needs_hash(self) -> bool:
+        """Whether any rule matches on the executable's sha256 (only then is it computed)."""
+        return any(r.sha256 for r in self.rules)
