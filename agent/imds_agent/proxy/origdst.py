@@ -16,7 +16,8 @@ SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
 
 
 def original_dst(sock: socket.socket) -> Optional[tuple[str, int]]:
-    """Return (address, port) the client dialled before the redirect, or None when there was no NAT."""
+    """Return (address, port) the client dialled before any NAT (conntrack's original destination), or None when
+    the connection has no conntrack entry."""
     try:
         if sock.family == socket.AF_INET6:
             raw = sock.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)

@@ -1,0 +1,156 @@
+"""The nftables rule set as plain data: built from a RedirectSpec, compared, and rendered for operators.
+
+Pure functions only, tested against golden files; nftables.py turns this data into one netlink batch. A rule is a
+list of expressions in the kernel's own vocabulary (meta, cmp, payload, counter, immediate, nat) with byte
+values in hex, so that what we send and what the kernel reports back compare directly.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from typing import Any, Optional
+
+from .base import OWNER_NAME, RedirectSpec
+
+TABLE = OWNER_NAME
+CHAIN = "output"
+PRIORITY = -150  # before Docker's and iptables-nft's nat output chains (priority -100)
+NFPROTO = {"ipv4": 2, "ipv6": 10}
+META_KEYS = {"skuid": 10, "nfproto": 15, "l4proto": 16}
+PAYLOAD_BASE = {"network": 1, "transport": 2}
+CMP_OPS = {"eq": 0, "neq": 1}
+NAT_DNAT = 1
+# Which attributes of each expression define it (the kernel reports more, e.g. counter values, nat flags).
+SIGNIFICANT = {
+    "meta": ("key", "dreg"),
+    "cmp": ("sreg", "op", "data"),
+    "payload": ("dreg", "base", "offset", "len"),
+    "counter": (),
+    "immediate": ("dreg", "data"),
+    "nat": ("type", "family", "reg_addr_min", "reg_proto_min"),
+}
+
+Expr = list[Any]  # [name, {attr: value}]
+
+
+def _cmp(op: str, data: bytes) -> Expr:
+    return ["cmp", {"sreg": 1, "op": op, "data": data.hex()}]
+
+
+def rule_exprs(family: str, daddr: str, dport: int, exempt_uid: int, to_addr: str, to_port: int) -> list[Expr]:
+    """``<family> daddr D tcp dport P meta skuid != U counter dnat <family> to A:Q`` as expressions."""
+    addr_offset, addr_len = (16, 4) if family == "ipv4" else (24, 16)
+    return [
+        ["meta", {"key": "nfproto", "dreg": 1}],
+        _cmp("eq", bytes([NFPROTO[family]])),
+        ["meta", {"key": "l4proto", "dreg": 1}],
+        _cmp("eq", b"\x06"),
+        ["payload", {"dreg": 1, "base": "network", "offset": addr_offset, "len": addr_len}],
+        _cmp("eq", ipaddress.ip_address(daddr).packed),
+        ["payload", {"dreg": 1, "base": "transport", "offset": 2, "len": 2}],
+        _cmp("eq", struct.pack(">H", dport)),
+        ["meta", {"key": "skuid", "dreg": 1}],
+        _cmp("neq", struct.pack("=I", exempt_uid)),  # skuid is compared in host byte order
+        ["counter", {}],
+        ["immediate", {"dreg": 1, "data": ipaddress.ip_address(to_addr).packed.hex()}],
+        ["immediate", {"dreg": 2, "data": struct.pack(">H", to_port).hex()}],
+        ["nat", {"type": "dnat", "family": family, "reg_addr_min": 1, "reg_proto_min": 2}],
+    ]
+
+
+def expected_rules(spec: RedirectSpec) -> dict[str, list[Expr]]:
+    """The rule expressions per family that ``spec`` asks for."""
+    rules = {"ipv4": rule_exprs("ipv4", spec.ipv4, spec.port, spec.exempt_uid, spec.to_ipv4, spec.listen_port)}
+    if spec.with_ipv6:
+        rules["ipv6"] = rule_exprs("ipv6", spec.ipv6, spec.port, spec.exempt_uid, spec.to_ipv6, spec.listen_port)
+    return rules
+
+
+def build_ruleset(spec: RedirectSpec, owned: bool) -> list[dict[str, Any]]:
+    """The whole transaction as data: make sure the table exists, delete it, create it afresh with its chain and
+    rules. In one batch this is atomic and idempotent (nothing of an older version survives, nothing doubles)."""
+    ops: list[dict[str, Any]] = [
+        {"op": "add", "object": "table", "name": TABLE, "flags": []},
+        {"op": "delete", "object": "table", "name": TABLE},
+        {"op": "add", "object": "table", "name": TABLE, "flags": ["owner"] if owned else []},
+        {
+            "op": "add",
+            "object": "chain",
+            "table": TABLE,
+            "name": CHAIN,
+            "type": "nat",
+            "hook": "output",
+            "priority": PRIORITY,
+            "policy": "accept",
+        },
+    ]
+    for family, exprs in expected_rules(spec).items():
+        ops.append(
+            {"op": "add", "object": "rule", "table": TABLE, "chain": CHAIN, "family": family, "comment": OWNER_NAME,
+             "expr": exprs}
+        )  # fmt: skip
+    return ops
+
+
+def significant(exprs: list[Expr]) -> list[Expr]:
+    """Expressions reduced to the attributes that define them, for comparison."""
+    return [[name, {k: attrs.get(k) for k in SIGNIFICANT.get(name, tuple(attrs))}] for name, attrs in exprs]
+
+
+def rule_family(exprs: list[Expr]) -> Optional[str]:
+    """The family a rule is for, from its nfproto match."""
+    for i, (name, attrs) in enumerate(exprs[:-1]):
+        if name == "meta" and attrs.get("key") == "nfproto":
+            nxt = exprs[i + 1]
+            if nxt[0] == "cmp":
+                value = bytes.fromhex(nxt[1].get("data", ""))
+                return {2: "ipv4", 10: "ipv6"}.get(value[0] if value else -1)
+    return None
+
+
+def render(exprs: list[Expr]) -> str:
+    """A rule in nft's own words, as far as our expressions go (for `rules show` and repair messages)."""
+    words: list[str] = []
+    loaded: Optional[tuple[str, Any]] = None
+    regs: dict[int, bytes] = {}
+    for name, attrs in exprs:
+        if name in ("meta", "payload"):
+            loaded = (name, attrs)
+        elif name == "cmp" and loaded is not None:
+            value = bytes.fromhex(attrs.get("data", ""))
+            op = "!= " if attrs.get("op") == "neq" else ""
+            words.append(_describe_match(loaded, value, op))
+        elif name == "counter":
+            words.append("counter")
+        elif name == "immediate":
+            regs[int(attrs.get("dreg", 0))] = bytes.fromhex(attrs.get("data", ""))
+        elif name == "nat":
+            addr = regs.get(int(attrs.get("reg_addr_min") or 0), b"")
+            port = regs.get(int(attrs.get("reg_proto_min") or 0), b"")
+            host = str(ipaddress.ip_address(addr)) if len(addr) in (4, 16) else "?"
+            target = f"[{host}]" if len(addr) == 16 else host
+            family = "ip" if attrs.get("family") == "ipv4" else "ip6"
+            words.append(f"{attrs.get('type')} {family} to {target}:{struct.unpack('>H', port)[0] if port else '?'}")
+        else:
+            words.append(name)
+    return " ".join(w for w in words if w)
+
+
+def _describe_match(loaded: tuple[str, Any], value: bytes, op: str) -> str:
+    kind, attrs = loaded
+    if kind == "meta":
+        key = attrs.get("key")
+        if key == "nfproto":
+            return ""  # implied by the address match, as nft prints it
+        if key == "l4proto":
+            proto = "tcp" if value == b"\x06" else value.hex()
+            return f"meta l4proto {op}{proto}"
+        if key == "skuid" and len(value) == 4:
+            return f"meta skuid {op}{struct.unpack('=I', value)[0]}"
+        return f"meta {key} {op}{value.hex()}"
+    if attrs.get("base") == "network" and len(value) in (4, 16):
+        return f"{'ip' if len(value) == 4 else 'ip6'} daddr {op}{ipaddress.ip_address(value)}"
+    if attrs.get("base") == "transport" and attrs.get("offset") == 2 and len(value) == 2:
+        return f"tcp dport {op}{struct.unpack('>H', value)[0]}"
+    return f"payload {op}{value.hex()}"

@@ -1,0 +1,50 @@
+"""The nftables rule set as data, against golden files; comparison and rendering helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from imds_agent.redirect import nftrules
+from imds_agent.redirect.base import RedirectSpec
+
+GOLDEN = Path(__file__).parent / "golden"
+CASES = {
+    "nft_v4v6_owned": (RedirectSpec(exempt_uid=990, listen_port=8775), True),
+    "nft_v4_persistent": (RedirectSpec(exempt_uid=0, listen_port=9000, with_ipv6=False), False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_ruleset_matches_golden_file(case: str) -> None:
+    spec, owned = CASES[case]
+    got = json.dumps(nftrules.build_ruleset(spec, owned), indent=1, sort_keys=True) + "\n"
+    path = GOLDEN / f"{case}.json"
+    if os.environ.get("IMDS_UPDATE_GOLDEN"):
+        path.write_text(got)
+    assert got == path.read_text(), f"{path} differs; IMDS_UPDATE_GOLDEN=1 rewrites it after review"
+
+
+def test_transaction_shape_is_idempotent_by_construction() -> None:
+    ops = nftrules.build_ruleset(RedirectSpec(exempt_uid=990, listen_port=8775), owned=True)
+    assert [(o["op"], o["object"]) for o in ops[:3]] == [("add", "table"), ("delete", "table"), ("add", "table")]
+    assert ops[2]["flags"] == ["owner"] and ops[0]["flags"] == []
+
+
+def test_render_reads_like_nft() -> None:
+    exprs = nftrules.rule_exprs("ipv6", "fd00:ec2::254", 80, 990, "::1", 8775)
+    assert nftrules.render(exprs) == (
+        "meta l4proto tcp ip6 daddr fd00:ec2::254 tcp dport 80 meta skuid != 990 counter dnat ip6 to [::1]:8775"
+    )
+    assert nftrules.rule_family(exprs) == "ipv6"
+
+
+def test_significant_ignores_what_the_kernel_adds() -> None:
+    exprs = nftrules.rule_exprs("ipv4", "169.254.169.254", 80, 990, "127.0.0.1", 8775)
+    kernel = [[n, dict(a, **({"reg_addr_max": 1, "flags": "x"} if n == "nat" else {}))] for n, a in exprs]
+    assert nftrules.significant(kernel) == nftrules.significant(exprs)
+    other = nftrules.rule_exprs("ipv4", "169.254.169.254", 80, 991, "127.0.0.1", 8775)
+    assert nftrules.significant(other) != nftrules.significant(exprs)
