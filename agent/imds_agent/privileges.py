@@ -34,6 +34,8 @@ REQUIRED_CAPS = (CAP_DAC_READ_SEARCH, CAP_NET_ADMIN, CAP_NET_RAW, CAP_SYS_PTRACE
 _PR_SET_KEEPCAPS = 8
 _PR_CAPBSET_DROP = 24
 _PR_SET_NO_NEW_PRIVS = 38
+_PR_CAP_AMBIENT = 47
+_PR_CAP_AMBIENT_RAISE = 2
 _CAP_VERSION_3 = 0x20080522
 
 
@@ -120,8 +122,13 @@ def drop_to(account: Account, keep: tuple[int, ...] = REQUIRED_CAPS) -> None:
     for cap in keep:
         mask |= 1 << cap
     header = _CapHeader(_CAP_VERSION_3, 0)
-    data = (_CapData * 2)(_CapData(mask & 0xFFFFFFFF, mask & 0xFFFFFFFF, 0), _CapData(mask >> 32, mask >> 32, 0))
+    lo, hi = mask & 0xFFFFFFFF, mask >> 32
+    data = (_CapData * 2)(_CapData(lo, lo, lo), _CapData(hi, hi, hi))
     _check(libc.capset(ctypes.byref(header), data), "capset")
+    # Ambient too, so the helper processes the agent runs (the iptables worker) keep the same capabilities,
+    # exactly as under systemd's AmbientCapabilities; nothing else is ever executed.
+    for cap in keep:
+        _check(libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE, cap, 0, 0), f"raising ambient capability {cap}")
     _check(libc.prctl(_PR_SET_KEEPCAPS, 0, 0, 0, 0), "prctl(PR_SET_KEEPCAPS, 0)")
     _check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
     log.info(

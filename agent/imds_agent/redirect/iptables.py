@@ -1,0 +1,150 @@
+"""The iptables backend, for hosts that use legacy xtables: our own IMDS_AGENT chain in the nat table, jumped to
+from OUTPUT, with `-m owner ! --uid-owner`; ip6tables for IPv6.
+
+The editing happens in iptworker processes (one per family and operation, see there for why); this class turns
+their JSON answers into the backend protocol. iptables cannot tie rules to a process, so fail_mode open after a
+SIGKILL relies on the guardian (guardian.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any, Optional
+
+from .. import subproc
+from ..errors import RedirectError
+from . import iptrules
+from .base import CheckResult, RedirectSpec, RuleView, State
+
+log = logging.getLogger(__name__)
+
+IP_TABLES_NAMES = "/proc/net/ip_tables_names"
+WORKER_TIMEOUT = 20.0
+
+
+def _worker(family: str, op: str, payload: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    argv = [sys.executable, "-m", "imds_agent.redirect.iptworker", family, op]
+    env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    try:
+        proc = subproc.run(argv, timeout=WORKER_TIMEOUT, env=env, input=json.dumps(payload) if payload else None)
+        answer: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    except subproc.ProcessError as exc:
+        raise RedirectError(f"iptables {family} {op}: {exc}") from None
+    except (ValueError, IndexError):
+        raise RedirectError(f"iptables {family} {op}: the worker gave no answer") from None
+    if not answer.get("ok"):
+        error = str(answer.get("error", "unknown error"))
+        if "Permission denied" in error or "Operation not permitted" in error:
+            error += " (needs CAP_NET_ADMIN and CAP_NET_RAW)"
+        raise RedirectError(f"iptables {family} {op}: {error}")
+    return answer
+
+
+def legacy_rules_in_use() -> bool:
+    """Whether this host already has legacy iptables rules of its own (then auto picks this backend).
+
+    Probing loads the legacy tables, so nothing is asked of the kernel unless some are already registered.
+    """
+    try:
+        with open(IP_TABLES_NAMES, encoding="ascii") as fh:
+            if not fh.read().split():
+                return False
+    except OSError:
+        return False
+    try:
+        return int(_worker("ipv4", "usage").get("rules", 0)) > 0
+    except RedirectError as exc:
+        log.debug("legacy iptables probe failed: %s", exc)
+        return False
+
+
+class IptablesBackend:
+    """Redirect with an IMDS_AGENT chain in the legacy nat tables (IPv4 and IPv6)."""
+
+    name = "iptables"
+
+    def __init__(self) -> None:
+        self._reason = ""
+
+    def is_supported(self) -> bool:
+        """Whether python-iptables, the legacy nat tables and the owner, comment and DNAT extensions work here."""
+        try:
+            _worker("ipv4", "probe")
+        except RedirectError as exc:
+            text = str(exc)
+            if "owner" in text:
+                text += " (kernel needs CONFIG_NETFILTER_XT_MATCH_OWNER)"
+            self._reason = text
+            return False
+        return True
+
+    def unsupported_reason(self) -> str:
+        """What is missing, after is_supported() said no."""
+        return self._reason
+
+    def apply(self, spec: RedirectSpec, owned: bool = False) -> None:
+        """Install our chain and jump for each family in the spec; remove IPv6 ones when IPv6 is off."""
+        del owned  # iptables rules cannot belong to a process; see guardian.py
+        wanted = iptrules.build_rules(spec)
+        for family, data in wanted.items():
+            _worker(family, "apply", data)
+        for family in iptrules.FAMILIES:
+            if family not in wanted:
+                self._remove_family(family)
+
+    def _remove_family(self, family: str) -> bool:
+        try:
+            return bool(_worker(family, "remove").get("removed"))
+        except RedirectError as exc:
+            if family == "ipv6" and "Address family not supported" in str(exc):
+                return False
+            raise
+
+    def remove(self) -> bool:
+        """Remove our chains and jumps from both families."""
+        removed = False
+        for family in iptrules.FAMILIES:
+            removed = self._remove_family(family) or removed
+        return removed
+
+    def check(self, spec: Optional[RedirectSpec] = None) -> CheckResult:
+        """Compare both families' chains and jumps with ``spec``."""
+        wanted = iptrules.build_rules(spec) if spec is not None else {}
+        details: list[str] = []
+        views: list[RuleView] = []
+        present_any = False
+        for family in iptrules.FAMILIES:
+            found = _worker(family, "state")
+            present_any = present_any or found["chain"] or found["jumps"] > 0
+            for rule in found["rules"]:
+                views.append(RuleView(family, iptrules.render(rule), rule.get("packets"), rule.get("bytes")))
+            if spec is not None:
+                details.extend(self._differences(family, found, wanted.get(family)))
+        if not present_any:
+            return CheckResult(self.name, State.ABSENT, ("chain IMDS_AGENT is missing",), owned=False)
+        return CheckResult(self.name, State.PARTIAL if details else State.PRESENT, tuple(details), tuple(views), False)
+
+    @staticmethod
+    def _differences(family: str, found: dict[str, Any], wanted: Optional[dict[str, Any]]) -> list[str]:
+        if wanted is None:
+            return [f"{family} rules are installed but not wanted"] if found["chain"] or found["jumps"] else []
+        out: list[str] = []
+        if not found["chain"]:
+            out.append(f"{family} chain IMDS_AGENT is missing")
+        if found["jumps"] == 0:
+            out.append(f"{family} jump from OUTPUT is missing")
+        elif found["jumps"] > 1:
+            out.append(f"{family} OUTPUT jumps to IMDS_AGENT {found['jumps']} times")
+        elif not found["jump_first"]:
+            out.append(f"{family} jump is not the first rule in OUTPUT")
+        have = [iptrules.significant(r) for r in found["rules"]]
+        want = [iptrules.significant(r) for r in wanted["rules"]]
+        if found["chain"] and have != want:
+            out.append(f"{family} rules differ: has {len(have)}, wants '{iptrules.render(wanted['rules'][0])}'")
+        return out
+
+    def close(self) -> None:
+        """Nothing held between calls."""

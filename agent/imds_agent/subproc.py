@@ -1,0 +1,47 @@
+"""The one way the agent runs commands: argv lists, a fixed PATH, a timeout, errors that say what happened."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Mapping, Sequence
+from typing import Optional
+
+from .errors import AgentError
+
+PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class ProcessError(AgentError):
+    """A command failed: carries the argv, the exit code and (trimmed) stderr."""
+
+    def __init__(self, argv: Sequence[str], code: Optional[int], stderr: str, reason: str = ""):
+        self.argv = list(argv)
+        self.code = code
+        self.stderr = stderr.strip()[-2000:]
+        what = reason or f"exited with {code}"
+        detail = f": {self.stderr.splitlines()[-1]}" if self.stderr else ""
+        super().__init__(f"{' '.join(self.argv[:4])}{' ...' if len(self.argv) > 4 else ''} {what}{detail}")
+
+
+def run(
+    argv: Sequence[str],
+    timeout: float = 30,
+    check: bool = True,
+    env: Optional[Mapping[str, str]] = None,
+    input: Optional[str] = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` with PATH fixed and LANG=C (``env`` adds to that), capturing text output."""
+    full_env = {"PATH": PATH, "LANG": "C"}
+    full_env.update(env or {})
+    try:
+        proc = subprocess.run(
+            list(argv), env=full_env, timeout=timeout, capture_output=True, text=True, input=input, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        raise ProcessError(argv, None, stderr, f"timed out after {timeout:g}s") from None
+    except OSError as exc:
+        raise ProcessError(argv, None, "", f"could not be started: {exc.strerror or exc}") from None
+    if check and proc.returncode != 0:
+        raise ProcessError(argv, proc.returncode, proc.stderr)
+    return proc
