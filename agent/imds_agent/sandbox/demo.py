@@ -1,0 +1,195 @@
+"""`make demo`: the agent doing its job in a sandbox, end to end, with real programs as clients.
+
+A network namespace plays the host (no default route: nothing leaves it), another holds the metadata addresses
+and the emulator with IMDSv1 disabled. The agent runs in the host namespace as root, installs its redirect and
+drops to its own uid; clients run as ordinary uids. The emulator's counters show what reached the "real" service.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any, Optional
+
+from .netns import Sandbox
+
+AGENT_UID = 64001  # the demo's stand-in for the imds-agent system user
+NOBODY = 65534
+APP_UID = 1000
+BASE = "http://169.254.169.254/latest"
+BASE6 = "http://[fd00:ec2::254]/latest"
+ROLE_PATH = "/meta-data/iam/security-credentials/"
+
+
+def say(text: str) -> None:
+    print(f"\n\033[1m== {text}\033[0m", flush=True)
+
+
+def show(label: str, proc: subprocess.CompletedProcess[str], limit: int = 300) -> str:
+    out = proc.stdout.strip()
+    body, _, code = out.rpartition("\n")
+    if "<title>" in body:  # the service's HTML error page: its title says it all
+        body = body.split("<title>", 1)[1].split("</title>", 1)[0]
+    shown = body if len(body) <= limit else body[:limit] + " ..."
+    print(f"  {label}\n    -> HTTP {code or '?'} {shown.replace(chr(10), ' | ')}", flush=True)
+    return code
+
+
+def curl(sbx: Sandbox, uid: int, url: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    argv = ["curl", "-s", "-S", "--max-time", "5", "-w", "\n%{http_code}", *extra, url]
+    return sbx.run(argv, uid=uid, timeout=10)
+
+
+def redact(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    """Replace credential values in a JSON answer so the demo never prints a secret, even a fake one."""
+    body, sep, code = proc.stdout.strip().rpartition("\n")
+    try:
+        doc: Any = json.loads(body)
+    except ValueError:
+        return proc
+    if not isinstance(doc, dict):
+        return proc
+    for key in ("SecretAccessKey", "Token"):
+        if key in doc:
+            doc[key] = f"<{len(doc[key])} chars>"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, json.dumps(doc) + sep + code, proc.stderr)
+
+
+def wait_ready(notify: socket.socket, agent: subprocess.Popen[str], timeout: float = 15) -> None:
+    """Wait for the agent's sd_notify READY=1 (the same signal systemd waits for)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if agent.poll() is not None:
+            raise SystemExit(
+                f"the agent exited with {agent.returncode}:\n{agent.stderr.read() if agent.stderr else ''}"
+            )
+        notify.settimeout(0.2)
+        try:
+            msg = notify.recv(4096).decode()
+        except socket.timeout:
+            continue
+        if "READY=1" in msg.split("\n"):
+            return
+    raise SystemExit("the agent did not become ready within 15 s")
+
+
+def write_config(path: str, workdir: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(
+            f"mode: audit\nuser: '{AGENT_UID}'\n"
+            "redirect: {backend: auto, fail_mode: open, reconcile_interval: 2}\n"
+            f"policy: {{dir: {workdir}/policy.d}}\n"
+            f"audit: {{log: {workdir}/audit.jsonl, state_dir: {workdir}/state}}\n"
+        )
+
+
+def start_agent(sbx: Sandbox, config: str) -> tuple[subprocess.Popen[str], socket.socket]:
+    notify_path = os.path.join(sbx.workdir, "notify.sock")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    os.chmod(notify_path, 0o666)  # the agent has dropped to its own uid by the time it says READY
+    env = {"NOTIFY_SOCKET": notify_path, "PYTHONUNBUFFERED": "1"}
+    argv = [sys.executable, "-m", "imds_agent.cli", "--config", config, "audit"]
+    agent = sbx.spawn(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_ready(notify, agent)
+    return agent, notify
+
+
+def counters(sbx: Sandbox) -> dict[str, int]:
+    c = sbx.emulator_control.counters()
+    return {k: c[k] for k in ("requests", "tokenless", "with_token", "token_puts", "unauthorized") if k in c}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run the demo; exit non-zero if anything did not behave as described."""
+    if os.geteuid() != 0:
+        print("make demo needs root (network namespaces, kernel rules)", file=sys.stderr)
+        return 77
+    failures: list[str] = []
+
+    def expect(ok: bool, what: str) -> None:
+        print(f"    {'ok' if ok else 'UNEXPECTED'}: {what}", flush=True)
+        if not ok:
+            failures.append(what)
+
+    with Sandbox(tokens="required") as sbx:
+        say("The metadata service requires tokens (IMDSv1 disabled); no agent yet")
+        code = show(f"uid {NOBODY}: curl {BASE}{ROLE_PATH}", curl(sbx, NOBODY, BASE + ROLE_PATH))
+        expect(code == "401", "a plain IMDSv1 GET is refused with 401")
+        sbx.emulator_control.reset()
+
+        say(f"Starting imds-agent in audit mode (root, then drops to uid {AGENT_UID})")
+        config = os.path.join(sbx.workdir, "agent.yaml")
+        write_config(config, sbx.workdir)
+        agent, notify = start_agent(sbx, config)
+        try:
+            rules = sbx.run([sys.executable, "-m", "imds_agent.cli", "--config", config, "rules", "show"])
+            print("  " + rules.stdout.strip().replace("\n", "\n  "))
+
+            say("The same IMDSv1 requests, now through the agent")
+            proc = curl(sbx, NOBODY, BASE + ROLE_PATH)
+            code = show(f"uid {NOBODY}: curl {BASE}{ROLE_PATH}", proc)
+            role = proc.stdout.strip().rpartition("\n")[0].strip()
+            expect(code == "200" and bool(role), "the role name is listed")
+            code = show(
+                f"uid {APP_UID}: curl {BASE6}{ROLE_PATH}{role}", redact(curl(sbx, APP_UID, BASE6 + ROLE_PATH + role))
+            )
+            expect(code == "200", "the role credentials arrive over IPv6 too")
+            py = [
+                "python3",
+                "-c",
+                "import urllib.request as u; r = u.urlopen('http://169.254.169.254/latest/meta-data/instance-id',"
+                " timeout=5); print(r.read().decode()); print(r.status)",
+            ]
+            code = show(f"uid {APP_UID}: python3 urllib GET instance-id", sbx.run(py, uid=APP_UID, timeout=10))
+            expect(code == "200", "python's urllib (IMDSv1) works")
+
+            say("An IMDSv2 client passes through untouched")
+            put = curl(sbx, APP_UID, BASE + "/api/token", "-X", "PUT", "-H", "X-aws-ec2-metadata-token-ttl-seconds: 60")
+            token = put.stdout.strip().rpartition("\n")[0]
+            print(f"  uid {APP_UID}: PUT /latest/api/token -> {len(token)}-char token (not shown)")
+            hdr = f"X-aws-ec2-metadata-token: {token}"
+            code = show(
+                f"uid {APP_UID}: GET with its own token", curl(sbx, APP_UID, BASE + "/meta-data/instance-id", "-H", hdr)
+            )
+            expect(code == "200", "the client's own token is used")
+
+            say("A token PUT relayed by a proxy (X-Forwarded-For) is refused, as the real service does")
+            code = show(
+                f"uid {NOBODY}: PUT with X-Forwarded-For",
+                curl(sbx, NOBODY, BASE + "/api/token", "-X", "PUT", "-H", "X-aws-ec2-metadata-token-ttl-seconds: 60",
+                     "-H", "X-Forwarded-For: 203.0.113.7"),
+            )  # fmt: skip
+            expect(code == "403", "relayed token PUT refused")
+
+            say("What the metadata service saw")
+            seen = counters(sbx)
+            print("  " + json.dumps(seen))
+            expect(seen.get("tokenless") == 0, "zero tokenless (IMDSv1) requests reached the service")
+        finally:
+            say("Stopping the agent (SIGTERM); fail_mode open removes the redirect")
+            agent.send_signal(signal.SIGTERM)
+            try:
+                agent.wait(10)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+            notify.close()
+        rules = sbx.run([sys.executable, "-m", "imds_agent.cli", "--config", config, "rules", "show"])
+        print("  " + rules.stdout.strip().replace("\n", "\n  "))
+        expect("state: absent" in rules.stdout, "no rules left behind")
+
+    say("Result")
+    if failures:
+        print(f"  {len(failures)} unexpected result(s): {'; '.join(failures)}")
+        return 1
+    print("  everything behaved as described")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
