@@ -19,7 +19,10 @@ class ProcessError(AgentError):
         self.code = code
         self.stderr = stderr.strip()[-2000:]
         what = reason or f"exited with {code}"
-        detail = f": {self.stderr.splitlines()[-1]}" if self.stderr else ""
+        lines = [line.strip() for line in self.stderr.splitlines() if line.strip()]
+        # nft and friends end with a caret line under the offending word; the message is the "Error" line.
+        errors = [line for line in lines if "error" in line.lower()]
+        detail = f": {(errors or lines)[-1]}" if lines else ""
         super().__init__(f"{' '.join(self.argv[:4])}{' ...' if len(self.argv) > 4 else ''} {what}{detail}")
 
 

@@ -10,15 +10,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from typing import Any, Optional
 
+from .agentproc import AGENT_UID, AgentProcess
 from .netns import Sandbox
 
-AGENT_UID = 64001  # the demo's stand-in for the imds-agent system user
 NOBODY = 65534
 APP_UID = 1000
 BASE = "http://169.254.169.254/latest"
@@ -60,46 +58,6 @@ def redact(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProces
     return subprocess.CompletedProcess(proc.args, proc.returncode, json.dumps(doc) + sep + code, proc.stderr)
 
 
-def wait_ready(notify: socket.socket, agent: subprocess.Popen[str], timeout: float = 15) -> None:
-    """Wait for the agent's sd_notify READY=1 (the same signal systemd waits for)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if agent.poll() is not None:
-            raise SystemExit(
-                f"the agent exited with {agent.returncode}:\n{agent.stderr.read() if agent.stderr else ''}"
-            )
-        notify.settimeout(0.2)
-        try:
-            msg = notify.recv(4096).decode()
-        except socket.timeout:
-            continue
-        if "READY=1" in msg.split("\n"):
-            return
-    raise SystemExit("the agent did not become ready within 15 s")
-
-
-def write_config(path: str, workdir: str) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(
-            f"mode: audit\nuser: '{AGENT_UID}'\n"
-            "redirect: {backend: auto, fail_mode: open, reconcile_interval: 2}\n"
-            f"policy: {{dir: {workdir}/policy.d}}\n"
-            f"audit: {{log: {workdir}/audit.jsonl, state_dir: {workdir}/state}}\n"
-        )
-
-
-def start_agent(sbx: Sandbox, config: str) -> tuple[subprocess.Popen[str], socket.socket]:
-    notify_path = os.path.join(sbx.workdir, "notify.sock")
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(notify_path)
-    os.chmod(notify_path, 0o666)  # the agent has dropped to its own uid by the time it says READY
-    env = {"NOTIFY_SOCKET": notify_path, "PYTHONUNBUFFERED": "1"}
-    argv = [sys.executable, "-m", "imds_agent.cli", "--config", config, "audit"]
-    agent = sbx.spawn(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    wait_ready(notify, agent)
-    return agent, notify
-
-
 def counters(sbx: Sandbox) -> dict[str, int]:
     c = sbx.emulator_control.counters()
     return {k: c[k] for k in ("requests", "tokenless", "with_token", "token_puts", "unauthorized") if k in c}
@@ -124,11 +82,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         sbx.emulator_control.reset()
 
         say(f"Starting imds-agent in audit mode (root, then drops to uid {AGENT_UID})")
-        config = os.path.join(sbx.workdir, "agent.yaml")
-        write_config(config, sbx.workdir)
-        agent, notify = start_agent(sbx, config)
+        agent = AgentProcess(sbx, mode="audit").start()
         try:
-            rules = sbx.run([sys.executable, "-m", "imds_agent.cli", "--config", config, "rules", "show"])
+            rules = agent.cli("rules", "show")
             print("  " + rules.stdout.strip().replace("\n", "\n  "))
 
             say("The same IMDSv1 requests, now through the agent")
@@ -173,13 +129,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             expect(seen.get("tokenless") == 0, "zero tokenless (IMDSv1) requests reached the service")
         finally:
             say("Stopping the agent (SIGTERM); fail_mode open removes the redirect")
-            agent.send_signal(signal.SIGTERM)
-            try:
-                agent.wait(10)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-            notify.close()
-        rules = sbx.run([sys.executable, "-m", "imds_agent.cli", "--config", config, "rules", "show"])
+            agent.stop(signal.SIGTERM)
+        rules = agent.cli("rules", "show")
         print("  " + rules.stdout.strip().replace("\n", "\n  "))
         expect("state: absent" in rules.stdout, "no rules left behind")
 
