@@ -161,6 +161,12 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "EC2ws"
     sys_version = ""
 
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out in two writes; without NODELAY, Nagle and delayed ACKs add ~40 ms to every
+        # answer on a keep-alive connection (the real service answers in well under a millisecond).
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     @property
     def emu(self) -> Emulator:
         return self.server.emulator  # type: ignore[attr-defined, no-any-return]
