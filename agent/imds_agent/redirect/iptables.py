@@ -23,11 +23,24 @@ log = logging.getLogger(__name__)
 
 IP_TABLES_NAMES = "/proc/net/ip_tables_names"
 WORKER_TIMEOUT = 20.0
+XTABLES_DIRS = ("/usr/lib/x86_64-linux-gnu/xtables", "/usr/lib/aarch64-linux-gnu/xtables", "/usr/lib64/xtables",
+                "/usr/lib/xtables", "/usr/libexec/xtables")  # fmt: skip
+
+
+def _worker_env() -> dict[str, str]:
+    """Start-up costs of python-iptables halve when it need not search for libxtables or load setuptools'
+    distutils shim (300 ms -> 150 ms per worker)."""
+    env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "SETUPTOOLS_USE_DISTUTILS": "stdlib"}
+    for path in XTABLES_DIRS:
+        if os.path.isdir(path):
+            env["XTABLES_LIBDIR"] = path
+            break
+    return env
 
 
 def _worker(family: str, op: str, payload: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     argv = [sys.executable, "-m", "imds_agent.redirect.iptworker", family, op]
-    env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    env = _worker_env()
     try:
         proc = subproc.run(argv, timeout=WORKER_TIMEOUT, env=env, input=json.dumps(payload) if payload else None)
         answer: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
