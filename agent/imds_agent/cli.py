@@ -24,11 +24,12 @@ def _load(args: argparse.Namespace) -> configmod.Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """audit / enforce: start the agent in that mode (overriding the config file's mode)."""
+    """run / audit / enforce: start the agent in the config's mode, or in the one named (overriding the file)."""
     from . import daemon
 
-    config = _load(args).with_mode(args.command)
-    return daemon.run(config)
+    config = _load(args)
+    override = None if args.command == "run" else args.command
+    return daemon.run(config, mode_override=override)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -136,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    p = sub.add_parser("run", help="run the agent in the configuration's mode (what the systemd unit starts)")
+    p.set_defaults(func=cmd_run)
     p = sub.add_parser("audit", help="run the agent: allow every caller, record who calls what")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("enforce", help="run the agent: deny what the policy does not allow")

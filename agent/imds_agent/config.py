@@ -126,14 +126,13 @@ class PolicyConfig:
     """Where the allowlist lives and what happens to callers no rule matches."""
 
     dir: str = "/etc/imds-agent/policy.d"
-    default: str = "allow-nonsensitive"
+    default: str = "allow-nonsensitive"  # callers no rule matches
+    unknown: str = "deny"  # callers that cannot be identified (enforce mode)
 
     def __post_init__(self) -> None:
-        _check(
-            self.default in POLICY_DEFAULTS,
-            "default",
-            f"must be one of {', '.join(POLICY_DEFAULTS)}; got {self.default!r}",
-        )
+        for key in ("default", "unknown"):
+            value = getattr(self, key)
+            _check(value in POLICY_DEFAULTS, key, f"must be one of {', '.join(POLICY_DEFAULTS)}; got {value!r}")
         _check(os.path.isabs(self.dir), "dir", "must be an absolute path")
 
 

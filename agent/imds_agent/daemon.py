@@ -13,18 +13,27 @@ import logging
 import os
 import signal
 import threading
+import time
 from types import FrameType
 from typing import Callable, Optional
 
+from . import config as configmod
 from . import privileges, sdnotify
+from .audit.inventory import Inventory, path_class
+from .audit.log import AuditLog, AuditRecord
 from .config import Config
-from .errors import PrivilegeError
+from .errors import AgentError, PrivilegeError
+from .identity.caller import Caller
 from .imds.token import TokenCache, fetch_from
 from .imds.upstream import Upstream
+from .policy.loader import load_policy
+from .proxy.gate import AccessGate
 from .proxy.handler import Exchange, Forwarder
 from .proxy.origdst import original_dst
 from .proxy.server import Connection, ProxyServer
 from .redirect.lifecycle import Interception, spec_for
+
+INVENTORY_SAVE_INTERVAL = 10.0
 
 log = logging.getLogger(__name__)
 
@@ -32,19 +41,31 @@ log = logging.getLogger(__name__)
 class Agent:
     """A running imds-agent: upstream pool, token cache, forwarder, listeners and the kernel redirect."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, mode_override: Optional[str] = None):
         self.config = config
+        self.mode_override = mode_override
         self.account = privileges.resolve_user(config.user, config.source)
+        policy = load_policy(config.policy.dir, config.policy.default, config.policy.unknown)
+        self.gate = AccessGate(mode_override or config.mode, policy)
         self.upstream = Upstream(config.upstream)
         self.tokens = TokenCache(fetch_from(self.upstream), config.token.ttl, config.token.refresh_margin)
-        self.forwarder = Forwarder(self.upstream, self.tokens)
+        self.forwarder = Forwarder(self.upstream, self.tokens, self.gate)
         self.server = ProxyServer(config.listen, self.forwarder, on_connect=self._accepted, on_exchange=self._record)
         self.interception: Optional[Interception] = None
+        self.audit: Optional[AuditLog] = None
+        self.inventory = Inventory(config.audit.state_dir)
         self._cleanup: list[tuple[str, Callable[[], None]]] = []
 
+    @property
+    def mode(self) -> str:
+        """The mode in force (a reload may change it when the CLI did not fix it)."""
+        return self.gate.mode
+
     def start(self) -> None:
-        """Listen, install the redirect, drop privileges, then start serving and reconciling."""
+        """Listen, install the redirect, open the records, drop privileges, then serve and reconcile."""
         self._cleanup.append(("close upstream pool", self.upstream.close))
+        self._cleanup.append(("close the identity socket", self.gate.identifier.close))
+        self._open_records()
         self.server.bind()
         self._cleanup.append(("close listeners", self.server.close))
         if self.config.redirect.enabled:
@@ -68,6 +89,46 @@ class Agent:
             except Exception:
                 log.exception("cleanup step failed: %s", what)
 
+    def _open_records(self) -> None:
+        """Audit log and inventory are opened as root and handed to the agent's uid, so that the agent can keep
+        writing them after the drop (under systemd, LogsDirectory and StateDirectory do the same)."""
+        audit = self.config.audit
+        self.audit = AuditLog(audit.log, audit.max_bytes, audit.backups)
+        self._cleanup.append(("close the audit log", self.audit.close))
+        self.inventory.load()
+        self._cleanup.append(("save the inventory", lambda: self.inventory.save(force=True)))
+        if os.geteuid() == 0 and self.account.uid != 0:
+            for path in (os.path.dirname(audit.log), audit.state_dir):
+                os.makedirs(path, mode=0o750, exist_ok=True)
+                os.chown(path, self.account.uid, self.account.gid)
+            for path in (audit.log, self.inventory.path):
+                if os.path.exists(path):
+                    os.chown(path, self.account.uid, self.account.gid)
+
+    def save_inventory(self) -> None:
+        """Persist the inventory if it changed (called periodically by run())."""
+        self.inventory.save()
+
+    def reload(self) -> bool:
+        """SIGHUP: re-read the configuration and the policy; apply both or neither. Returns whether it applied.
+
+        Listener, upstream and redirect settings need a restart; a reload that changes them says so.
+        """
+        try:
+            source = self.config.source
+            config = configmod.load(source, required=True) if source else Config()
+            policy = load_policy(config.policy.dir, config.policy.default, config.policy.unknown)
+        except AgentError as exc:
+            log.error("reload refused, keeping the running configuration and policy: %s", exc)
+            return False
+        for part in ("listen", "upstream", "redirect", "user", "audit", "token"):
+            if getattr(config, part) != getattr(self.config, part):
+                log.warning("reload: %s settings changed; they take effect at the next restart", part)
+        mode = self.mode_override or config.mode
+        self.gate.replace(mode, policy)
+        log.info("reloaded: %s mode, %d policy rules from %d files", mode, len(policy.rules), len(policy.files))
+        return True
+
     def _check_capabilities(self) -> None:
         if os.geteuid() == 0:
             return
@@ -90,42 +151,69 @@ class Agent:
 
     def _accepted(self, conn: Connection) -> None:
         conn.context["original_dst"] = original_dst(conn.sock)
+        self.gate.on_connect(conn)
 
     def _record(self, conn: Connection, ex: Exchange) -> None:
-        log.debug(
-            "%s %s %s -> %d (%s%s) %.1f ms",
-            conn.peer[0],
-            ex.method,
-            ex.target,
-            ex.status,
-            ex.kind,
-            ", injected" if ex.injected else "",
-            ex.latency * 1000,
+        caller: Caller = conn.context.get("caller") or Caller.unknown("connection was not identified")
+        path = ex.path.display if ex.path is not None else ex.target[:200]
+        record = AuditRecord(
+            time=time.time(),
+            mode=self.mode,
+            caller=caller,
+            method=ex.method,
+            path=path,
+            version=ex.kind,
+            decision=ex.decision,
+            decided_by=ex.decided_by,
+            reason=ex.reason,
+            status=ex.status,
+            latency_ms=ex.latency * 1000,
+            user_agent=ex.user_agent,
+            injected=ex.injected,
+            relayed=ex.relayed,
+            sensitive=ex.path.sensitive if ex.path is not None else None,
         )
+        if self.audit is not None:
+            self.audit.write(record)
+        self.inventory.add(caller.exe, caller.uid, caller.user, path_class(ex.path), ex.kind, ex.decision, record.time)
+        log.debug("%s %s %s %s -> %d %s", caller.describe(), ex.method, path, ex.kind, ex.status, ex.decision)
 
 
-def run(config: Config, ready: Optional[Callable[[Agent], None]] = None) -> int:
-    """Run the agent in the foreground until SIGTERM or SIGINT; return the process exit code."""
+def run(config: Config, ready: Optional[Callable[[Agent], None]] = None, mode_override: Optional[str] = None) -> int:
+    """Run the agent in the foreground until SIGTERM or SIGINT (SIGHUP reloads); return the exit code."""
     stop = threading.Event()
+    hup = threading.Event()
 
     def on_signal(signum: int, frame: Optional[FrameType]) -> None:
+        if signum == signal.SIGHUP:
+            hup.set()
+            return
         log.info("received %s, stopping", signal.Signals(signum).name)
         stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    agent = Agent(config)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    agent = Agent(config, mode_override)
     try:
         agent.start()
-        log.info("imds-agent running in %s mode", config.mode)
-        sdnotify.notify("READY=1", f"STATUS=serving in {config.mode} mode")
+        log.info("imds-agent running in %s mode", agent.mode)
+        sdnotify.notify("READY=1", f"STATUS=serving in {agent.mode} mode")
         if ready is not None:
             ready(agent)
         interval = sdnotify.watchdog_interval()
         tick = min(interval, 1.0) if interval else 1.0
+        last_save = time.monotonic()
         while not stop.wait(tick):
             if interval:
                 sdnotify.notify("WATCHDOG=1")
+            if hup.is_set():
+                hup.clear()
+                sdnotify.notify("RELOADING=1")
+                agent.reload()
+                sdnotify.notify("READY=1", f"STATUS=serving in {agent.mode} mode")
+            if time.monotonic() - last_save >= INVENTORY_SAVE_INTERVAL:
+                agent.save_inventory()
+                last_save = time.monotonic()
         sdnotify.notify("STOPPING=1")
     finally:
         agent.stop()

@@ -10,15 +10,24 @@ import http.client
 import json
 import os
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import Optional
+from typing import Any, Optional
 
 import pytest
 
-from imds_agent.config import Config, ListenConfig, RedirectConfig, TokenConfig, UpstreamConfig
+from imds_agent.config import (
+    AuditConfig,
+    Config,
+    ListenConfig,
+    PolicyConfig,
+    RedirectConfig,
+    TokenConfig,
+    UpstreamConfig,
+)
 from imds_agent.daemon import Agent
 from imds_agent.sandbox.emulator import Emulator
 
@@ -35,6 +44,15 @@ def emulator() -> Iterator[Emulator]:
         emu.stop()
 
 
+def scratch() -> dict[str, Any]:
+    """Audit log, inventory and policy in a throwaway directory, never the host's /var."""
+    work = tempfile.mkdtemp(prefix="imds-agent-test-")
+    return {
+        "audit": AuditConfig(log=f"{work}/audit.jsonl", state_dir=f"{work}/state"),
+        "policy": PolicyConfig(dir=f"{work}/policy.d"),
+    }
+
+
 def make_agent(emu: Emulator, **token: int) -> Agent:
     port = emu.addresses[0][1]
     config = Config(
@@ -42,6 +60,7 @@ def make_agent(emu: Emulator, **token: int) -> Agent:
         listen=ListenConfig(port=0, addresses=("127.0.0.1", "::1"), idle_timeout=2.0, request_timeout=1.0),
         upstream=UpstreamConfig(ipv4="127.0.0.1", port=port, connect_timeout=0.5, read_timeout=2.0),
         redirect=RedirectConfig(enabled=False),
+        **scratch(),
     )
     if token:
         config = replace(config, token=TokenConfig(**token))
@@ -233,6 +252,7 @@ def test_upstream_unreachable_is_502_naming_the_address() -> None:
         listen=ListenConfig(port=0, addresses=("127.0.0.1",)),
         upstream=UpstreamConfig(ipv4="127.0.0.1", port=port, connect_timeout=0.5, read_timeout=0.5),
         redirect=RedirectConfig(enabled=False),
+        **scratch(),
     )
     agent = Agent(config)
     agent.start()

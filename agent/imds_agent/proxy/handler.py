@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional, Protocol
 from urllib.parse import urlsplit
 
 from ..errors import UpstreamError
 from ..imds.token import TOKEN_HEADER, TOKEN_PATH, TokenCache
 from ..imds.upstream import Headers, Upstream, UpstreamResponse
+from ..policy.paths import MetadataPath
 from .httpio import HttpError, Request, error_response, render_response
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,19 @@ class Exchange:
     retried: bool = False
     cause: Optional[str] = None
     latency: float = 0.0
+    user_agent: Optional[str] = None
+    decision: str = "allow"  # allow | deny | would-deny (audit mode)
+    decided_by: str = ""
+    reason: str = ""
+    path: Optional[MetadataPath] = None
+
+
+class Gate(Protocol):
+    """Decides whether a request may be forwarded (policy, SSRF guard); see proxy/gate.py."""
+
+    def admit(self, context: dict[str, Any], req: Request, target: str, ex: Exchange) -> bool:
+        """Return whether to inject the agent's token into a tokenless request; raise HttpError(403) to deny."""
+        ...
 
 
 @dataclass
@@ -89,21 +103,27 @@ def origin_form(target: str) -> str:
 class Forwarder:
     """Turns client requests into upstream requests; thread-safe, shared by every connection."""
 
-    def __init__(self, upstream: Upstream, tokens: TokenCache):
+    def __init__(self, upstream: Upstream, tokens: TokenCache, gate: Optional[Gate] = None):
         self.upstream = upstream
         self.tokens = tokens
+        self.gate = gate
 
-    def handle(self, req: Request) -> Reply:
+    def handle(self, req: Request, context: Optional[dict[str, Any]] = None) -> Reply:
         """Answer one request. Never raises: every failure becomes an HTTP answer naming its cause."""
         started = time.perf_counter()
         has_token = req.has(TOKEN_HEADER)
-        ex = Exchange(req.method, req.target, "v2" if has_token else "v1")
+        ex = Exchange(req.method, req.target, "v2" if has_token else "v1", user_agent=req.get("User-Agent"))
+        if req.method == "PUT":
+            ex.kind = "token"
         head_only = req.method == "HEAD"
         close = not req.keep_alive
         try:
             target = origin_form(req.target)
             _refuse_body(req)
-            resp = self._dispatch(req, target, ex)
+            inject = True
+            if self.gate is not None:
+                inject = self.gate.admit(context if context is not None else {}, req, target, ex)
+            resp = self._dispatch(req, target, ex, inject)
             headers = strip_hop_by_hop(resp.headers)
             length = _content_length(resp) if head_only else None
             data = render_response(
@@ -120,10 +140,9 @@ class Forwarder:
         ex.latency = time.perf_counter() - started
         return Reply(data, close, ex)
 
-    def _dispatch(self, req: Request, target: str, ex: Exchange) -> UpstreamResponse:
+    def _dispatch(self, req: Request, target: str, ex: Exchange, inject: bool = True) -> UpstreamResponse:
         headers = strip_hop_by_hop(req.headers)
         if req.method == "PUT":
-            ex.kind = "token"
             return self._token_put(target, headers, req)
         if req.method not in ("GET", "HEAD"):
             raise HttpError(405, f"method {req.method} is not allowed")
@@ -133,6 +152,9 @@ class Forwarder:
             # Relayed by something on this host (a proxy turned SSRF vector): let the metadata service decide.
             ex.relayed = True
             log.warning("tokenless request carrying proxy headers for %s: forwarded without a token", target)
+            return self.upstream.request(req.method, target, headers)
+        if not inject:
+            # The policy says this caller must speak IMDSv2 itself: let the metadata service answer it.
             return self.upstream.request(req.method, target, headers)
         return self._inject(req.method, target, headers, ex)
 

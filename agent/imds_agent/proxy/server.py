@@ -162,7 +162,7 @@ class ProxyServer:
                     return
                 if req is None:
                     return
-                reply = self.forwarder.handle(req)
+                reply = self.forwarder.handle(req, conn.context)
                 if not _send(sock, reply.data):
                     return
                 if self.on_exchange is not None:

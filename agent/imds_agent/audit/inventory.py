@@ -1,0 +1,130 @@
+"""Who called what, aggregated and persisted, so it survives restarts and log rotation.
+
+One entry per (exe, uid, user, path class, v1/v2, decision) with a count and first/last seen. Path classes keep
+the inventory small and the suggestions reviewable: the sensitive class name, or the first two segments of the
+path ('meta-data/placement'). Saved atomically (write, fsync, rename) every few seconds and at stop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ..errors import ConfigError
+from ..policy.paths import SENSITIVE_CLASSES, MetadataPath
+
+log = logging.getLogger(__name__)
+
+FILENAME = "inventory.json"
+VERSION = 1
+UNKNOWN_EXE = "(unidentified)"
+
+
+def path_class(path: Optional[MetadataPath]) -> str:
+    """The class a path is counted under: its sensitive class, or its first two segments."""
+    if path is None:
+        return "(invalid path)"
+    if path.sensitive is not None:
+        return path.sensitive
+    return "/".join(path.path.split("/")[:2]) or "/"
+
+
+@dataclass
+class Entry:
+    """One aggregated line of the inventory."""
+
+    exe: str
+    uid: Optional[int]
+    user: Optional[str]
+    path_class: str
+    imds: str
+    decision: str
+    count: int
+    first_seen: float
+    last_seen: float
+
+
+Key = tuple[str, Optional[int], Optional[str], str, str, str]
+
+
+class Inventory:
+    """Thread-safe aggregate of audit records, loaded from and saved to ``state_dir``."""
+
+    def __init__(self, state_dir: str):
+        self.state_dir = state_dir
+        self.path = os.path.join(state_dir, FILENAME)
+        self._lock = threading.Lock()
+        self._entries: dict[Key, Entry] = {}
+        self._dirty = False
+
+    def load(self) -> Inventory:
+        """Read the saved inventory; a missing file is an empty one, a corrupt one is an error naming it."""
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                doc = json.load(fh)
+        except FileNotFoundError:
+            return self
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read the inventory: {exc}", path=self.path) from None
+        with self._lock:
+            for item in doc.get("entries", []):
+                entry = Entry(**item)
+                self._entries[self._key(entry)] = entry
+        return self
+
+    @staticmethod
+    def _key(e: Entry) -> Key:
+        return (e.exe, e.uid, e.user, e.path_class, e.imds, e.decision)
+
+    def add(self, exe: Optional[str], uid: Optional[int], user: Optional[str], cls: str, imds: str,
+            decision: str, when: float) -> None:  # fmt: skip
+        """Count one request."""
+        key: Key = (exe or UNKNOWN_EXE, uid, user, cls, imds, decision)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self._entries[key] = Entry(key[0], uid, user, cls, imds, decision, 1, when, when)
+            else:
+                entry.count += 1
+                entry.last_seen = max(entry.last_seen, when)
+            self._dirty = True
+
+    def entries(self) -> list[Entry]:
+        """A snapshot of every entry."""
+        with self._lock:
+            return [Entry(**vars(e)) for e in self._entries.values()]
+
+    def save(self, force: bool = False) -> None:
+        """Write atomically if anything changed; errors are logged, never raised into the agent."""
+        with self._lock:
+            if not self._dirty and not force:
+                return
+            doc = {"version": VERSION, "entries": [vars(e) for e in self._entries.values()]}
+            self._dirty = False
+        try:
+            os.makedirs(self.state_dir, mode=0o750, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".inventory-", dir=self.state_dir)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(doc, fh, separators=(",", ":"))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            log.error("cannot save the inventory to %s: %s", self.path, exc)
+            with self._lock:
+                self._dirty = True
+
+
+def sensitive_names() -> tuple[str, ...]:
+    """The class names that are sensitive (for report columns)."""
+    return tuple(SENSITIVE_CLASSES)
+
+
+def as_json(entries: list[Entry]) -> list[dict[str, Any]]:
+    """Entries as JSON-ready dicts."""
+    return [vars(e) for e in entries]
