@@ -6,9 +6,11 @@ import argparse
 import dataclasses
 import json
 import logging
+import pwd
 import sys
+import time
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any, Optional
 
 from . import __version__, privileges
 from . import config as configmod
@@ -47,7 +49,20 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         f"redirect: {'enabled' if rd.enabled else 'disabled'}, backend {rd.backend}, ipv6 {rd.ipv6}, "
         f"fail_mode {rd.fail_mode}, reconcile every {rd.reconcile_interval}s"
     )
-    print(f"policy: {config.policy.dir}, default {config.policy.default}")
+    from .policy.loader import load_policy
+
+    policy = load_policy(config.policy.dir, config.policy.default, config.policy.unknown)
+    print(f"policy: {config.policy.dir}: {len(policy.files)} files, {len(policy.rules)} rules")
+    print(f"  callers no rule matches: {policy.default}; unidentified callers: {policy.unknown}")
+    for rule in policy.rules:
+        who = ", ".join(rule.exe)
+        if rule.uids:
+            who += f" uid {','.join(map(str, rule.uids))}"
+        if rule.users:
+            who += f" user {','.join(rule.users)}"
+        extra = f"; sensitive: {', '.join(rule.sensitive)}" if rule.sensitive else ""
+        extra += "; no token injection" if not rule.inject_token else ""
+        print(f"  - {rule.name} [{rule.source}]: {who} -> {', '.join(rule.paths)}{extra}")
     print(f"audit: {config.audit.log}, state {config.audit.state_dir}")
     return EXIT_OK
 
@@ -117,6 +132,71 @@ def cmd_rules_remove(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _inventory(args: argparse.Namespace) -> list[Any]:
+    from .audit.inventory import Inventory
+
+    config = _load(args)
+    return Inventory(config.audit.state_dir).load().entries()
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """One row per caller from the persisted inventory."""
+    from .audit import report
+
+    since = time.time() - args.hours * 3600 if args.hours else None
+    rows = report.report(_inventory(args), since)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+    else:
+        print(report.render_table(rows))
+    return EXIT_OK
+
+
+def cmd_suggest(args: argparse.Namespace) -> int:
+    """Write a policy.d file allowing exactly what audit saw (to stdout, or a file that must not exist yet)."""
+    from .audit import report
+
+    text = report.suggest(_inventory(args))
+    if args.output in (None, "-"):
+        print(text, end="")
+        return EXIT_OK
+    try:
+        with open(args.output, "x", encoding="utf-8") as fh:
+            fh.write(text)
+    except FileExistsError:
+        raise AgentError(f"{args.output} exists; choose another name or remove it first") from None
+    except OSError as exc:
+        raise AgentError(f"cannot write {args.output}: {exc.strerror}") from None
+    print(f"wrote {args.output}; review it, then `imds-agent check-config` and reload")
+    return EXIT_OK
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """What enforce mode would decide for an executable, uid and path, and why."""
+    from .identity.caller import Caller
+    from .policy.engine import decide
+    from .policy.loader import load_policy
+
+    config = _load(args)
+    policy = load_policy(config.policy.dir, config.policy.default, config.policy.unknown)
+    user = args.user
+    if user is None:
+        try:
+            user = pwd.getpwuid(args.uid).pw_name
+        except KeyError:
+            user = None
+    caller = Caller(True, pid=None, exe=args.exe, uid=args.uid, user=user, cmdline=tuple(args.cmdline or ()))
+    decision = decide(policy, caller, args.method, args.path, args.sha256)
+    verdict = "allow" if decision.allow else "deny"
+    shown = decision.path.display if decision.path is not None else args.path
+    print(f"{verdict}: {args.exe} (uid {args.uid}) {args.method} {shown}")
+    print(f"  decided by: {decision.decided_by}")
+    print(f"  because: {decision.reason}")
+    if decision.allow and not decision.inject:
+        print("  note: no token is injected for this caller (inject_token: false); it must speak IMDSv2")
+    return EXIT_OK if decision.allow else EXIT_FAILURE
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     """Print the version."""
     print(f"imds-agent {__version__}")
@@ -158,6 +238,22 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "show":
             p.add_argument("--json", action="store_true", help="machine-readable output")
         p.set_defaults(func=func)
+    p = sub.add_parser("report", help="one row per caller from the recorded inventory")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--hours", type=float, default=0, help="only callers seen in the last N hours")
+    p.set_defaults(func=cmd_report)
+    p = sub.add_parser("suggest", help="write a policy file allowing exactly what audit recorded")
+    p.add_argument("--output", "-o", metavar="FILE", help="where to write (default: stdout); never overwritten")
+    p.set_defaults(func=cmd_suggest)
+    p = sub.add_parser("explain", help="what enforce mode would decide for a caller and path, and why")
+    p.add_argument("--exe", required=True, help="the executable's absolute path")
+    p.add_argument("--uid", required=True, type=int)
+    p.add_argument("--user", help="user name (default: looked up from the uid)")
+    p.add_argument("--path", required=True, help="request path, e.g. /latest/meta-data/iam/security-credentials/")
+    p.add_argument("--method", default="GET", choices=("GET", "HEAD", "PUT"))
+    p.add_argument("--cmdline", nargs="*", help="the command line, for rules that match on it")
+    p.add_argument("--sha256", help="the executable's hash, for rules that pin one")
+    p.set_defaults(func=cmd_explain)
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)
     return parser

@@ -1,0 +1,111 @@
+"""Reading the inventory back: a report per caller, and a policy that allows exactly what audit saw.
+
+The suggested policy is for review before enforcing: one rule per (executable, uid), granting the path classes
+that caller used, naming the sensitive classes it read. Unidentified callers and invalid paths are left out:
+the former can never be matched by a rule, the latter should not be allowed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+from ..policy.paths import SENSITIVE_CLASSES
+from .inventory import UNKNOWN_EXE, Entry
+
+
+@dataclass
+class CallerRow:
+    """One line of `imds-agent report`."""
+
+    exe: str
+    uid: Optional[int]
+    user: Optional[str]
+    requests: int = 0
+    imdsv1: int = 0
+    would_deny: int = 0
+    denied: int = 0
+    sensitive: set[str] = field(default_factory=set)
+    last_seen: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form (sorted sensitive classes, ISO time)."""
+        out = dict(vars(self))
+        out["sensitive"] = sorted(self.sensitive)
+        out["last_seen"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.last_seen))
+        return out
+
+
+def report(entries: Iterable[Entry], since: Optional[float] = None) -> list[CallerRow]:
+    """One row per (exe, uid), busiest first; ``since`` keeps entries last seen at or after that time."""
+    rows: dict[tuple[str, Optional[int]], CallerRow] = {}
+    for e in entries:
+        if since is not None and e.last_seen < since:
+            continue
+        row = rows.setdefault((e.exe, e.uid), CallerRow(e.exe, e.uid, e.user))
+        row.requests += e.count
+        if e.imds == "v1":
+            row.imdsv1 += e.count
+        if e.decision == "would-deny":
+            row.would_deny += e.count
+        elif e.decision == "deny":
+            row.denied += e.count
+        if e.path_class in SENSITIVE_CLASSES:
+            row.sensitive.add(e.path_class)
+        row.last_seen = max(row.last_seen, e.last_seen)
+    return sorted(rows.values(), key=lambda r: (-r.requests, r.exe, r.uid if r.uid is not None else -1))
+
+
+def render_table(rows: list[CallerRow]) -> str:
+    """The human report."""
+    head = f"{'EXECUTABLE':<40} {'USER':<14} {'REQUESTS':>8} {'IMDSv1':>7} {'WOULD-DENY':>10} {'DENIED':>7}  SENSITIVE"
+    lines = [head]
+    for r in rows:
+        user = r.user or (str(r.uid) if r.uid is not None else "?")
+        sens = ",".join(sorted(r.sensitive)) or "-"
+        lines.append(
+            f"{r.exe:<40} {user:<14} {r.requests:>8} {r.imdsv1:>7} {r.would_deny:>10} {r.denied:>7}  {sens}"
+            f"  (last {time.strftime('%Y-%m-%d %H:%M', time.gmtime(r.last_seen))})"
+        )
+    if not rows:
+        lines.append("(no requests recorded yet)")
+    return "\n".join(lines)
+
+
+def suggest(entries: Iterable[Entry]) -> str:
+    """A policy.d file (YAML text) allowing exactly the (exe, uid, path class) combinations audit recorded.
+
+    A class is the first two path segments ('meta-data/placement' covers placement/region and placement/...),
+    so a rule grants what was seen at that granularity; sensitive classes are granted by name.
+    """
+    grants: dict[tuple[str, Optional[int]], dict[str, Any]] = {}
+    for e in entries:
+        if e.exe == UNKNOWN_EXE or e.path_class.startswith("("):
+            continue
+        g = grants.setdefault((e.exe, e.uid), {"paths": set(), "sensitive": set(), "user": e.user, "count": 0})
+        g["count"] += e.count
+        if e.path_class in SENSITIVE_CLASSES:
+            g["sensitive"].add(e.path_class)
+            g["paths"].add(SENSITIVE_CLASSES[e.path_class] + "/**")
+        elif e.path_class == "/" or "/" not in e.path_class:
+            g["paths"].add(e.path_class)  # a one-segment class is exactly that path (a listing, or the root)
+        else:
+            g["paths"].add(e.path_class + "/**")
+    rules = []
+    for (exe, uid), g in sorted(grants.items(), key=lambda kv: (kv[0][0], kv[0][1] if kv[0][1] is not None else -1)):
+        rule: dict[str, Any] = {"name": f"seen: {exe} as {g['user'] or uid}", "exe": exe}
+        if uid is not None:
+            rule["uid"] = uid
+        rule["paths"] = sorted(g["paths"])
+        if g["sensitive"]:
+            rule["sensitive"] = sorted(g["sensitive"])
+        rules.append(rule)
+    header = (
+        "# Suggested by `imds-agent suggest` from what audit mode recorded.\n"
+        "# Review every rule before enforcing: it allows exactly what was seen, no more.\n"
+    )
+    return header + yaml.safe_dump({"rules": rules}, sort_keys=False, default_flow_style=False)

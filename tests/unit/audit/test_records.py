@@ -1,0 +1,107 @@
+"""Audit log lines, the persisted inventory, the report and the suggested policy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from imds_agent.audit.inventory import Inventory, path_class
+from imds_agent.audit.log import AuditLog, AuditRecord
+from imds_agent.audit.report import report, suggest
+from imds_agent.errors import ConfigError
+from imds_agent.identity.caller import Caller
+from imds_agent.policy.engine import decide
+from imds_agent.policy.loader import load_policy
+from imds_agent.policy.paths import normalize
+
+CURL = Caller(True, 10, "/usr/bin/curl", 1000, "app", ("curl",), unit="app.service")
+
+
+def test_audit_line_has_the_fields_and_no_secrets(tmp_path: Path) -> None:
+    log = AuditLog(str(tmp_path / "a" / "audit.jsonl"), 4096, 2)
+    record = AuditRecord(1700000000.25, "audit", CURL, "GET", "/latest/meta-data/iam/security-credentials/r", "v1",
+                         "would-deny", "default: allow-nonsensitive", "credentials paths need a rule", 200, 1.23456,
+                         user_agent="curl/7.88", injected=True, sensitive="credentials")  # fmt: skip
+    for _ in range(40):  # enough to rotate at 4 KiB
+        log.write(record)
+    log.close()
+    line = json.loads((tmp_path / "a" / "audit.jsonl").read_text().splitlines()[-1])
+    assert line["time"] == "2023-11-14T22:13:20.250Z"
+    assert (line["exe"], line["uid"], line["user"], line["unit"], line["user_agent"]) == (
+        "/usr/bin/curl",
+        1000,
+        "app",
+        "app.service",
+        "curl/7.88",
+    )
+    assert (line["imds"], line["decision"], line["status"], line["latency_ms"]) == ("v1", "would-deny", 200, 1.235)
+    assert not any("token" in k.lower() and k != "injected" for k in line)
+    assert (tmp_path / "a" / "audit.jsonl.1").exists()
+
+
+def test_inventory_aggregates_and_survives_a_restart(tmp_path: Path) -> None:
+    inv = Inventory(str(tmp_path))
+    for when in (100.0, 200.0, 150.0):
+        inv.add("/usr/bin/curl", 1000, "app", "credentials", "v1", "would-deny", when)
+    inv.add("/usr/bin/curl", 1000, "app", "meta-data/placement", "v2", "allow", 120.0)
+    inv.save()
+    again = Inventory(str(tmp_path)).load().entries()
+    creds = next(e for e in again if e.path_class == "credentials")
+    assert (creds.count, creds.first_seen, creds.last_seen) == (3, 100.0, 200.0)
+    assert len(again) == 2
+
+
+def test_corrupt_inventory_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "inventory.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="inventory.json"):
+        Inventory(str(tmp_path)).load()
+
+
+def test_path_classes() -> None:
+    assert path_class(normalize("/latest/meta-data/placement/region")) == "meta-data/placement"
+    assert path_class(normalize("/latest/meta-data/iam/security-credentials/x")) == "credentials"
+    assert path_class(normalize("/latest/meta-data/")) == "meta-data"
+    assert path_class(normalize("/")) == "/"
+    assert path_class(None) == "(invalid path)"
+
+
+def test_report_rows() -> None:
+    inv = Inventory("/nonexistent")
+    inv.add("/usr/bin/curl", 1000, "app", "credentials", "v1", "would-deny", 100.0)
+    inv.add("/usr/bin/curl", 1000, "app", "meta-data/placement", "v2", "allow", 300.0)
+    inv.add("/usr/bin/amazon-ssm-agent", 0, "root", "credentials", "v2", "allow", 50.0)
+    rows = report(inv.entries())
+    curl = rows[0]
+    assert (curl.exe, curl.requests, curl.imdsv1, curl.would_deny, curl.sensitive) == (
+        "/usr/bin/curl",
+        2,
+        1,
+        1,
+        {"credentials"},
+    )
+    assert curl.last_seen == 300.0
+    assert [r.exe for r in report(inv.entries(), since=200.0)] == ["/usr/bin/curl"]
+
+
+def test_suggest_then_enforce_allows_exactly_what_was_seen(tmp_path: Path) -> None:
+    inv = Inventory("/nonexistent")
+    inv.add("/usr/bin/curl", 1000, "app", "credentials", "v1", "would-deny", 1.0)
+    inv.add("/usr/bin/curl", 1000, "app", "meta-data/placement", "v1", "allow", 1.0)
+    inv.add("/usr/bin/curl", 1000, "app", "meta-data", "v1", "allow", 1.0)
+    inv.add(None, None, None, "credentials", "v1", "would-deny", 1.0)  # unidentified: never suggested
+    (tmp_path / "50-suggested.yaml").write_text(suggest(inv.entries()))
+    policy = load_policy(str(tmp_path), default="deny")
+    assert len(policy.rules) == 1
+
+    def allowed(path: str, uid: int = 1000, exe: str = "/usr/bin/curl") -> bool:
+        return decide(policy, Caller(True, 1, exe, uid, "app"), "GET", path).allow
+
+    assert allowed("/latest/meta-data/iam/security-credentials/role")
+    assert allowed("/2021-03-23/meta-data/placement/region")
+    assert allowed("/latest/meta-data/")
+    assert not allowed("/latest/meta-data/instance-id")  # never seen
+    assert not allowed("/latest/user-data")
+    assert not allowed("/latest/meta-data/placement/region", uid=1001)
+    assert not allowed("/latest/meta-data/placement/region", exe="/usr/bin/wget")

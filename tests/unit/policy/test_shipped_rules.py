@@ -1,0 +1,45 @@
+"""The rule files shipped in rules/ load, and they grant what the agents they name need (and no more)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from imds_agent.identity.caller import Caller
+from imds_agent.policy.engine import decide
+from imds_agent.policy.loader import load_policy
+from imds_agent.policy.model import Policy
+
+RULES = Path(__file__).parents[3] / "rules"
+CREDS = "/latest/meta-data/iam/security-credentials/role"
+
+
+@pytest.fixture(scope="module")
+def policy() -> Policy:
+    return load_policy(str(RULES), default="deny")
+
+
+@pytest.mark.parametrize(
+    ("exe", "uid", "cmdline", "path", "allowed"),
+    [
+        ("/usr/bin/amazon-ssm-agent", 0, (), CREDS, True),
+        ("/snap/amazon-ssm-agent/7993/ssm-agent-worker", 0, (), "/latest/meta-data/identity-credentials/ec2/x", True),
+        ("/usr/bin/amazon-ssm-agent", 1000, (), CREDS, False),  # not as another user
+        ("/usr/bin/amazon-ssm-agent", 0, (), "/latest/user-data", False),
+        ("/usr/bin/python3.11", 0, ("/usr/bin/python3", "/usr/bin/cloud-init", "init"), "/2021-03-23/user-data", True),
+        ("/usr/bin/python3.11", 0, ("/usr/bin/python3", "/tmp/evil.py"), "/latest/user-data", False),
+        ("/usr/local/aws-cli/v2/2.17.0/dist/aws", 1000, (), CREDS, True),
+        ("/usr/bin/python3.11", 1000, ("/usr/bin/python3", "/usr/bin/aws", "s3", "ls"), CREDS, True),
+        ("/usr/bin/curl", 1000, (), CREDS, False),
+        ("/usr/bin/kubelet", 0, (), CREDS, True),
+    ],
+)
+def test_shipped_rules(policy: Policy, exe: str, uid: int, cmdline: tuple[str, ...], path: str, allowed: bool) -> None:
+    caller = Caller(True, 1, exe, uid, None, cmdline or (exe,))
+    assert decide(policy, caller, "GET", path).allow is allowed
+
+
+def test_examples_file_is_all_comments(policy: Policy) -> None:
+    assert not any(r.source.endswith("90-examples.yaml") for r in policy.rules)
+    assert len(policy.files) == 8
