@@ -42,8 +42,11 @@ class AgentProcess:
                 f"audit: {{log: {work}/audit/audit.jsonl, state_dir: {work}/state}}\n" + extra
             )
 
-    def start(self, timeout: float = 15.0) -> AgentProcess:
-        """Start the agent and wait for READY=1; raise RuntimeError with its log if it exits or stays silent."""
+    def start(self, timeout: float = 15.0, mode: Optional[str] = None) -> AgentProcess:
+        """Start the agent (in ``mode`` when given, else the one chosen at construction) and wait for READY=1;
+        raise RuntimeError with its log if it exits or stays silent."""
+        if mode is not None:
+            self.mode = mode
         notify_path = os.path.join(self.sbx.workdir, f"notify-{time.monotonic_ns()}.sock")
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
             notify.bind(notify_path)

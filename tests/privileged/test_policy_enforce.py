@@ -1,0 +1,162 @@
+"""Per-executable policy on real processes: copies of one client under different paths, scripts under one
+interpreter, different uids, both address families; reload; the audit -> suggest -> enforce round trip."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from collections.abc import Iterator
+
+import pytest
+
+from imds_agent.sandbox.agentproc import AgentProcess
+from imds_agent.sandbox.netns import Sandbox, wait_for
+
+pytestmark = pytest.mark.privileged
+APP, OTHER = 1000, 1001
+CREDS = "/latest/meta-data/iam/security-credentials/"
+BASE = {"ipv4": "http://169.254.169.254", "ipv6": "http://[fd00:ec2::254]"}
+SCRIPT = (
+    "import sys, urllib.request, urllib.error\n"
+    "try:\n"
+    "    r = urllib.request.urlopen(sys.argv[1], timeout=5); print(r.status); print(r.read().decode())\n"
+    "except urllib.error.HTTPError as e:\n"
+    "    print(e.code); print(e.read().decode())\n"
+)
+
+
+@pytest.fixture
+def sbx() -> Iterator[Sandbox]:
+    with Sandbox() as sandbox:
+        bindir = os.path.join(sandbox.workdir, "bin")
+        os.makedirs(bindir)
+        for name in ("allowed-curl", "other-curl"):
+            shutil.copy2("/usr/bin/curl", os.path.join(bindir, name))
+        for name in ("allowed.py", "other.py"):
+            with open(os.path.join(bindir, name), "w", encoding="utf-8") as fh:
+                fh.write(SCRIPT)
+        os.makedirs(os.path.join(sandbox.workdir, "policy.d"))
+        yield sandbox
+
+
+def write_policy(sbx: Sandbox, name: str, text: str) -> None:
+    with open(os.path.join(sbx.workdir, "policy.d", name), "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+def curl(sbx: Sandbox, exe: str, uid: int, url: str, *extra: str) -> tuple[str, str]:
+    path = os.path.join(sbx.workdir, "bin", exe)
+    out = sbx.run([path, "-s", "--max-time", "5", "-w", "\n%{http_code}", *extra, url], uid=uid).stdout
+    body, _, code = out.rpartition("\n")
+    return code, body
+
+
+def script(sbx: Sandbox, name: str, uid: int, url: str) -> tuple[str, str]:
+    out = sbx.run(["/usr/bin/python3", os.path.join(sbx.workdir, "bin", name), url], uid=uid).stdout
+    code, _, body = out.partition("\n")
+    return code, body.strip()
+
+
+POLICY = """
+rules:
+  - name: allowed-curl-for-app
+    exe: {bindir}/allowed-curl
+    uid: {app}
+    sensitive: [credentials]
+  - name: allowed-script
+    exe: [/usr/bin/python3, /usr/bin/python3.*]
+    cmdline: "*/allowed.py *"
+    paths: ["meta-data/placement/**"]
+"""
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_enforce_allows_and_denies_per_executable_and_uid(sbx: Sandbox, family: str) -> None:
+    bindir = os.path.join(sbx.workdir, "bin")
+    write_policy(sbx, "50-test.yaml", POLICY.format(bindir=bindir, app=APP))
+    agent = AgentProcess(sbx, mode="enforce", extra="").start()
+    base = BASE[family]
+    try:
+        code, role = curl(sbx, "allowed-curl", APP, base + CREDS)
+        assert code == "200" and role == "imds-agent-demo-role"
+        code, body = curl(sbx, "allowed-curl", APP, f"{base}{CREDS}{role}")
+        assert code == "200" and json.loads(body)["Code"] == "Success"
+        code, body = curl(sbx, "allowed-curl", OTHER, base + CREDS)
+        assert code == "403" and f"exe={bindir}/allowed-curl uid={OTHER}" in body
+        code, body = curl(sbx, "other-curl", APP, base + CREDS)
+        assert code == "403" and "default: allow-nonsensitive" in body
+        # Not sensitive: the default lets anyone read the rest.
+        assert curl(sbx, "other-curl", APP, base + "/latest/meta-data/instance-id")[0] == "200"
+        # A faked User-Agent changes nothing.
+        assert curl(sbx, "other-curl", APP, base + CREDS, "-A", "amazon-ssm-agent/3.3.0")[0] == "403"
+        assert script(sbx, "allowed.py", OTHER, base + "/latest/meta-data/placement/region") == ("200", "eu-west-1")
+        code, body = script(sbx, "allowed.py", OTHER, base + CREDS)
+        assert code == "403" and "allowed-script" in body
+        assert script(sbx, "other.py", OTHER, base + CREDS)[0] == "403"
+        counters = sbx.emulator_control.counters()
+        assert counters["tokenless"] == 0
+    finally:
+        agent.stop()
+    lines = [json.loads(x) for x in open(os.path.join(sbx.workdir, "audit", "audit.jsonl"), encoding="utf-8")]
+    denied = [x for x in lines if x["decision"] == "deny"]
+    assert len(denied) == 5 and all(x["status"] == 403 for x in denied)
+    assert {x["exe"] for x in lines} >= {f"{bindir}/allowed-curl", f"{bindir}/other-curl"}
+    assert any(x["user_agent"] == "amazon-ssm-agent/3.3.0" and x["decision"] == "deny" for x in lines)
+
+
+def test_sighup_with_a_broken_policy_keeps_the_old_one(sbx: Sandbox) -> None:
+    bindir = os.path.join(sbx.workdir, "bin")
+    write_policy(sbx, "50-test.yaml", POLICY.format(bindir=bindir, app=APP))
+    agent = AgentProcess(sbx, mode="enforce").start()
+    url = BASE["ipv4"] + CREDS
+    try:
+        assert curl(sbx, "allowed-curl", APP, url)[0] == "200"
+        write_policy(sbx, "60-broken.yaml", "rules:\n  - exe: /usr/bin/x\n    sensitive: [passwords]\n")
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: "reload refused" in agent.log(), 5)
+        assert "60-broken.yaml:3: rules[0].sensitive" in agent.log()
+        assert curl(sbx, "allowed-curl", APP, url)[0] == "200"
+        assert curl(sbx, "other-curl", APP, url)[0] == "403"
+        write_policy(sbx, "60-broken.yaml", f"rules:\n  - exe: {bindir}/other-curl\n    sensitive: [credentials]\n")
+        agent.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: "reloaded: enforce mode, 3 policy rules" in agent.log(), 5)
+        assert curl(sbx, "other-curl", APP, url)[0] == "200"
+    finally:
+        agent.stop()
+
+
+def test_audit_suggest_enforce_round_trip(sbx: Sandbox) -> None:
+    base = BASE["ipv4"]
+    audit = AgentProcess(sbx, mode="audit", extra="").start()
+    try:
+        assert curl(sbx, "allowed-curl", APP, base + CREDS)[0] == "200"
+        assert curl(sbx, "allowed-curl", APP, base + "/latest/meta-data/placement/region")[0] == "200"
+        assert script(sbx, "allowed.py", OTHER, base + "/latest/meta-data/instance-id")[0] == "200"
+    finally:
+        audit.stop()
+    report = json.loads(audit.cli("report", "--json", check=True).stdout)
+    curl_row = next(r for r in report if r["exe"].endswith("/allowed-curl"))
+    assert curl_row["imdsv1"] == 2 and curl_row["would_deny"] == 1 and curl_row["sensitive"] == ["credentials"]
+    suggested = os.path.join(sbx.workdir, "policy.d", "50-suggested.yaml")
+    assert audit.cli("suggest", "-o", suggested).returncode == 0
+    assert audit.cli("suggest", "-o", suggested).returncode == 1  # never overwrites
+    with open(audit.config, encoding="utf-8") as fh:
+        text = fh.read().replace("policy: {dir:", "policy: {default: deny, dir:")
+    with open(audit.config, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    enforce = audit.start(mode="enforce")
+    try:
+        assert curl(sbx, "allowed-curl", APP, base + CREDS)[0] == "200"
+        assert curl(sbx, "allowed-curl", APP, base + "/2021-03-23/meta-data/placement/availability-zone")[0] == "200"
+        assert script(sbx, "allowed.py", OTHER, base + "/latest/meta-data/instance-id")[0] == "200"
+        assert curl(sbx, "allowed-curl", APP, base + "/latest/meta-data/instance-id")[0] == "403"  # never seen
+        assert curl(sbx, "allowed-curl", OTHER, base + CREDS)[0] == "403"
+        assert curl(sbx, "other-curl", APP, base + CREDS)[0] == "403"
+        assert script(sbx, "allowed.py", OTHER, base + CREDS)[0] == "403"
+    finally:
+        enforce.stop()
+    explain = audit.cli("explain", "--exe", f"{sbx.workdir}/bin/allowed-curl", "--uid", str(APP), "--path", CREDS)
+    assert explain.returncode == 0 and explain.stdout.startswith("allow:") and "seen:" in explain.stdout
