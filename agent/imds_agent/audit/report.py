@@ -62,13 +62,14 @@ def report(entries: Iterable[Entry], since: Optional[float] = None) -> list[Call
 
 def render_table(rows: list[CallerRow]) -> str:
     """The human report."""
-    head = f"{'EXECUTABLE':<40} {'USER':<14} {'REQUESTS':>8} {'IMDSv1':>7} {'WOULD-DENY':>10} {'DENIED':>7}  SENSITIVE"
+    width = max([len("EXECUTABLE")] + [len(r.exe) for r in rows])
+    head = f"{'EXECUTABLE':<{width}} {'USER':<12} {'REQUESTS':>8} {'IMDSv1':>7} {'WOULD-DENY':>10} {'DENIED':>7}  SENSITIVE"
     lines = [head]
     for r in rows:
         user = r.user or (str(r.uid) if r.uid is not None else "?")
         sens = ",".join(sorted(r.sensitive)) or "-"
         lines.append(
-            f"{r.exe:<40} {user:<14} {r.requests:>8} {r.imdsv1:>7} {r.would_deny:>10} {r.denied:>7}  {sens}"
+            f"{r.exe:<{width}} {user:<12} {r.requests:>8} {r.imdsv1:>7} {r.would_deny:>10} {r.denied:>7}  {sens}"
             f"  (last {time.strftime('%Y-%m-%d %H:%M', time.gmtime(r.last_seen))})"
         )
     if not rows:

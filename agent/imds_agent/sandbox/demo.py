@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 from .agentproc import AGENT_UID, AgentProcess
@@ -19,6 +21,8 @@ from .netns import Sandbox
 
 NOBODY = 65534
 APP_UID = 1000
+OTHER_UID = 1001
+SHIPPED_RULES = str(Path(__file__).resolve().parents[3] / "rules")
 BASE = "http://169.254.169.254/latest"
 BASE6 = "http://[fd00:ec2::254]/latest"
 ROLE_PATH = "/meta-data/iam/security-credentials/"
@@ -38,9 +42,27 @@ def show(label: str, proc: subprocess.CompletedProcess[str], limit: int = 300) -
     return code
 
 
-def curl(sbx: Sandbox, uid: int, url: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    argv = ["curl", "-s", "-S", "--max-time", "5", "-w", "\n%{http_code}", *extra, url]
+def curl(sbx: Sandbox, uid: int, url: str, *extra: str, exe: str = "curl") -> subprocess.CompletedProcess[str]:
+    argv = [exe, "-s", "-S", "--max-time", "5", "-w", "\n%{http_code}", *extra, url]
     return sbx.run(argv, uid=uid, timeout=10)
+
+
+def install_demo_policy(sbx: Sandbox) -> str:
+    """policy.d = the shipped drop-ins plus one rule for a demo 'billing-exporter' (a copy of curl, so that only
+    its path differs from /usr/bin/curl); returns that program's path."""
+    policy_dir = os.path.join(sbx.workdir, "policy.d")
+    os.makedirs(policy_dir, exist_ok=True)
+    if os.path.isdir(SHIPPED_RULES):
+        for name in sorted(os.listdir(SHIPPED_RULES)):
+            if name.endswith(".yaml"):
+                shutil.copy(os.path.join(SHIPPED_RULES, name), policy_dir)
+    exporter = os.path.join(sbx.workdir, "bin", "billing-exporter")
+    os.makedirs(os.path.dirname(exporter))
+    shutil.copy2(shutil.which("curl") or "/usr/bin/curl", exporter)
+    with open(os.path.join(policy_dir, "50-demo.yaml"), "w", encoding="utf-8") as fh:
+        fh.write(f"rules:\n  - name: billing-exporter\n    exe: {exporter}\n    uid: {APP_UID}\n"
+                 "    sensitive: [credentials]\n")  # fmt: skip
+    return exporter
 
 
 def redact(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
@@ -81,29 +103,43 @@ def main(argv: Optional[list[str]] = None) -> int:
         expect(code == "401", "a plain IMDSv1 GET is refused with 401")
         sbx.emulator_control.reset()
 
-        say(f"Starting imds-agent in audit mode (root, then drops to uid {AGENT_UID})")
-        agent = AgentProcess(sbx, mode="audit").start()
+        say(f"Starting imds-agent in enforce mode (root, then drops to uid {AGENT_UID})")
+        exporter = install_demo_policy(sbx)
+        agent = AgentProcess(sbx, mode="enforce").start()
         try:
             rules = agent.cli("rules", "show")
             print("  " + rules.stdout.strip().replace("\n", "\n  "))
+            print(f"  policy: the shipped drop-ins from rules/, plus {exporter} may read the role credentials as uid"
+                  f" {APP_UID}; everyone else gets the default (allow-nonsensitive)")  # fmt: skip
 
-            say("The same IMDSv1 requests, now through the agent")
-            proc = curl(sbx, NOBODY, BASE + ROLE_PATH)
-            code = show(f"uid {NOBODY}: curl {BASE}{ROLE_PATH}", proc)
+            say("Allowed: IMDSv1 clients the policy names get what they ask for")
+            proc = curl(sbx, APP_UID, BASE + ROLE_PATH, exe=exporter)
+            code = show(f"uid {APP_UID}: {exporter} {BASE}{ROLE_PATH}", proc)
             role = proc.stdout.strip().rpartition("\n")[0].strip()
             expect(code == "200" and bool(role), "the role name is listed")
             code = show(
-                f"uid {APP_UID}: curl {BASE6}{ROLE_PATH}{role}", redact(curl(sbx, APP_UID, BASE6 + ROLE_PATH + role))
+                f"uid {APP_UID}: {exporter} {BASE6}{ROLE_PATH}{role}",
+                redact(curl(sbx, APP_UID, BASE6 + ROLE_PATH + role, exe=exporter)),
             )
-            expect(code == "200", "the role credentials arrive over IPv6 too")
+            expect(code == "200", "the role credentials arrive, over IPv6 too")
             py = [
                 "python3",
                 "-c",
                 "import urllib.request as u; r = u.urlopen('http://169.254.169.254/latest/meta-data/instance-id',"
                 " timeout=5); print(r.read().decode()); print(r.status)",
             ]
-            code = show(f"uid {APP_UID}: python3 urllib GET instance-id", sbx.run(py, uid=APP_UID, timeout=10))
-            expect(code == "200", "python's urllib (IMDSv1) works")
+            code = show(f"uid {NOBODY}: python3 urllib GET instance-id", sbx.run(py, uid=NOBODY, timeout=10))
+            expect(code == "200", "non-sensitive metadata is open to everyone (default allow-nonsensitive)")
+
+            say("Denied: the same request from a program the policy does not name")
+            code = show(f"uid {NOBODY}: /usr/bin/curl {BASE}{ROLE_PATH}", curl(sbx, NOBODY, BASE + ROLE_PATH))
+            expect(code == "403", "curl may not read the role credentials")
+            proc = curl(sbx, OTHER_UID, BASE + ROLE_PATH, exe=exporter)
+            code = show(f"uid {OTHER_UID}: {exporter} (right program, wrong uid)", proc)
+            expect(code == "403", "the exporter as another uid is denied")
+            proc = curl(sbx, NOBODY, BASE + ROLE_PATH, "-A", "amazon-ssm-agent/3.3.1802.0")
+            code = show(f"uid {NOBODY}: /usr/bin/curl pretending to be amazon-ssm-agent (User-Agent)", proc)
+            expect(code == "403", "a faked User-Agent changes nothing")
 
             say("An IMDSv2 client passes through untouched")
             put = curl(sbx, APP_UID, BASE + "/api/token", "-X", "PUT", "-H", "X-aws-ec2-metadata-token-ttl-seconds: 60")
@@ -133,6 +169,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         rules = agent.cli("rules", "show")
         print("  " + rules.stdout.strip().replace("\n", "\n  "))
         expect("state: absent" in rules.stdout, "no rules left behind")
+
+        say("The report: who called, how often with IMDSv1, what was denied (imds-agent report)")
+        report = agent.cli("report")
+        print("  " + report.stdout.strip().replace("\n", "\n  "))
+        expect(exporter in report.stdout and "/usr/bin/curl" in report.stdout, "every caller is in the report")
+        audit_log = os.path.join(sbx.workdir, "audit", "audit.jsonl")
+        with open(audit_log, encoding="utf-8") as fh:
+            last_denied = [line for line in fh if '"decision":"deny"' in line][-1]
+        print(f"  one audit record ({audit_log}):\n  {last_denied.strip()}")
 
     say("Result")
     if failures:
