@@ -63,7 +63,8 @@ def report(entries: Iterable[Entry], since: Optional[float] = None) -> list[Call
 def render_table(rows: list[CallerRow]) -> str:
     """The human report."""
     width = max([len("EXECUTABLE")] + [len(r.exe) for r in rows])
-    head = f"{'EXECUTABLE':<{width}} {'USER':<12} {'REQUESTS':>8} {'IMDSv1':>7} {'WOULD-DENY':>10} {'DENIED':>7}  SENSITIVE"
+    head = f"{'EXECUTABLE':<{width}} {'USER':<12} {'REQUESTS':>8} {'IMDSv1':>7} {'WOULD-DENY':>10} {'DENIED':>7}"
+    head += "  SENSITIVE"
     lines = [head]
     for r in rows:
         user = r.user or (str(r.uid) if r.uid is not None else "?")
