@@ -46,6 +46,7 @@ demo: deps
 
 bench: deps
 	$(BIN)/python tests/bench/forwarder.py
+	$(BIN)/python tests/bench/identity.py
 
 clean:
 	rm -rf $(VENV) .stamp-* build dist agent/*.egg-info .mypy_cache .ruff_cache .pytest_cache

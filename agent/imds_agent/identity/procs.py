@@ -30,18 +30,22 @@ _UNIT = re.compile(r"/([^/]+\.(?:service|scope))(?:/|$)")
 
 
 def holds_socket(pid: int, target: str, proc: str = PROC) -> bool:
-    """Whether ``pid`` has an fd that is the socket ``target`` ('socket:[INODE]'); False if it cannot be read."""
+    """Whether ``pid`` has an fd that is the socket ``target`` ('socket:[INODE]'); False if it cannot be read.
+
+    Highest fd numbers first: a client that has just connected usually holds the newest descriptor, so the
+    search tends to end at the first readlink instead of walking every descriptor of a busy process.
+    """
     fd_dir = f"{proc}/{pid}/fd"
     try:
-        with os.scandir(fd_dir) as entries:
-            for entry in entries:
-                try:
-                    if os.readlink(entry.path) == target:
-                        return True
-                except OSError:
-                    continue
+        names = os.listdir(fd_dir)
     except OSError:
         return False
+    for fd in sorted((int(n) for n in names if n.isdigit()), reverse=True):
+        try:
+            if os.readlink(f"{fd_dir}/{fd}") == target:
+                return True
+        except OSError:
+            continue
     return False
 
 
@@ -119,17 +123,32 @@ class ProcessIndex:
             while len(self._recent) > RECENT_PIDS:
                 self._recent.popitem(last=False)
 
+    def _start_ticks(self, pid: int) -> Optional[int]:
+        """The process's start time in clock ticks from /proc/PID/stat (field 22): with the pid, a unique key.
+
+        Read directly because this runs for every connection; psutil is only needed when the key is new.
+        """
+        try:
+            with open(f"{self.proc}/{pid}/stat", "rb") as fh:
+                data = fh.read()
+            return int(data[data.rindex(b")") + 2 :].split()[19])
+        except (OSError, ValueError, IndexError):
+            return None
+
     def describe(self, pid: int) -> Caller:
         """The Caller for ``pid``; ``unknown`` when it vanished or cannot be read (never a guess)."""
+        ticks = self._start_ticks(pid)
+        if ticks is None:
+            return Caller.unknown(f"process {pid} exited before it could be identified")
+        key = (pid, float(ticks))
+        with self._lock:
+            cached = self._described.get(key)
+        if cached is not None:
+            return cached
         try:
             proc = psutil.Process(pid)
             with proc.oneshot():
                 created = proc.create_time()
-                key = (pid, created)
-                with self._lock:
-                    cached = self._described.get(key)
-                if cached is not None:
-                    return cached
                 exe = proc.exe()
                 uid = proc.uids().real
                 cmdline = tuple(proc.cmdline())
