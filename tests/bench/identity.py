@@ -59,6 +59,20 @@ def spawn(code: str, uid: int, *args: str) -> subprocess.Popen[str]:
     return proc
 
 
+def connect(
+    client: subprocess.Popen[str], listener: socket.socket, accepted: list[tuple[socket.socket, tuple[str, int]]]
+) -> tuple[socket.socket, tuple[str, int]]:
+    """Have the client open one more connection (it keeps its last 50) and accept it."""
+    assert client.stdin is not None
+    client.stdin.write("x\n")
+    client.stdin.flush()
+    conn, peer = listener.accept()
+    accepted.append((conn, peer))
+    if len(accepted) > 60:
+        accepted.pop(0)[0].close()
+    return conn, peer
+
+
 def pct(values: list[float], p: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(len(values) * p))] * 1e6
@@ -85,30 +99,19 @@ def main() -> None:
         client = spawn(CLIENT, 1000, str(listener.getsockname()[1]))
         assert client.stdin is not None
         accepted: list[tuple[socket.socket, tuple[str, int]]] = []
-
-        def connect() -> tuple[socket.socket, tuple[str, int]]:
-            assert client.stdin is not None
-            client.stdin.write("x\n")
-            client.stdin.flush()
-            conn, peer = listener.accept()
-            accepted.append((conn, peer))
-            if len(accepted) > 60:
-                accepted.pop(0)[0].close()
-            return conn, peer
-
         try:
             total = host_fds()
             ident = Identifier()
             warm: list[float] = []
             for i in range(300):
-                conn, peer = connect()
+                conn, peer = connect(client, listener, accepted)
                 caller = ident.identify(peer, conn.getsockname(), None)
                 assert caller.known and caller.uid == 1000, caller
                 if i >= 10:
                     warm.append(ident.last_cost)
             cold: list[float] = []
             for _ in range(50):
-                conn, peer = connect()
+                conn, peer = connect(client, listener, accepted)
                 fresh = Identifier()
                 started = time.perf_counter()
                 assert fresh.identify(peer, conn.getsockname(), None).known
