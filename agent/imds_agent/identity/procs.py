@@ -40,9 +40,10 @@ def holds_socket(pid: int, target: str, proc: str = PROC) -> bool:
         names = os.listdir(fd_dir)
     except OSError:
         return False
-    for fd in sorted((int(n) for n in names if n.isdigit()), reverse=True):
+    prefix = fd_dir + "/"
+    for name in reversed(names):  # the kernel lists descriptors in ascending order
         try:
-            if os.readlink(f"{fd_dir}/{fd}") == target:
+            if os.readlink(prefix + name) == target:
                 return True
         except OSError:
             continue
