@@ -176,7 +176,8 @@ class Agent:
         if self.audit is not None:
             self.audit.write(record)
         self.inventory.add(caller.exe, caller.uid, caller.user, path_class(ex.path), ex.kind, ex.decision, record.time)
-        log.debug("%s %s %s %s -> %d %s", caller.describe(), ex.method, path, ex.kind, ex.status, ex.decision)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s %s %s -> %d %s", caller.describe(), ex.method, path, ex.kind, ex.status, ex.decision)
 
 
 def run(config: Config, ready: Optional[Callable[[Agent], None]] = None, mode_override: Optional[str] = None) -> int:

