@@ -116,6 +116,15 @@ def cmd_rules_apply(args: argparse.Namespace) -> int:
 
 def cmd_rules_remove(args: argparse.Namespace) -> int:
     """Remove the agent's rules from every backend (crash recovery, uninstall); idempotent."""
+    if args.if_fail_open:
+        # The unit's ExecStopPost: only when the configuration says the service must fail open (a broken or
+        # missing configuration counts as open: the metadata service must not stay cut off by accident).
+        try:
+            if _load(args).redirect.fail_mode == "closed":
+                print("fail_mode closed: rules kept")
+                return EXIT_OK
+        except AgentError as exc:
+            print(f"cannot read the configuration ({exc}); removing the rules")
     # No config needed: removal must work even when the configuration is broken or already gone.
     names = [args.backend] if args.backend else list(BACKENDS)
     for name in names:
@@ -197,6 +206,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return EXIT_OK if decision.allow else EXIT_FAILURE
 
 
+def cmd_set_mode(args: argparse.Namespace) -> int:
+    """Edit the configuration's mode safely and reload the running agent."""
+    from .setmode import set_mode
+
+    print(set_mode(args.config, args.mode, args.pid))
+    return EXIT_OK
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     """Print the version."""
     print(f"imds-agent {__version__}")
@@ -237,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--backend", choices=BACKENDS, help="backend to use (default: the configuration's)")
         if action == "show":
             p.add_argument("--json", action="store_true", help="machine-readable output")
+        if action == "remove":
+            p.add_argument("--if-fail-open", action="store_true", help="do nothing when fail_mode is closed")
         p.set_defaults(func=func)
     p = sub.add_parser("report", help="one row per caller from the recorded inventory")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -254,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cmdline", nargs="*", help="the command line, for rules that match on it")
     p.add_argument("--sha256", help="the executable's hash, for rules that pin one")
     p.set_defaults(func=cmd_explain)
+    p = sub.add_parser("set-mode", help="set `mode:` in the configuration file and reload the running agent")
+    p.add_argument("mode", choices=configmod.MODES)
+    p.add_argument("--pid", type=int, help="signal this agent process (default: systemd, then the pid file)")
+    p.set_defaults(func=cmd_set_mode)
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)
     return parser

@@ -199,6 +199,7 @@ def run(config: Config, ready: Optional[Callable[[Agent], None]] = None, mode_ov
         agent.start()
         log.info("imds-agent running in %s mode", agent.mode)
         sdnotify.notify("READY=1", f"STATUS=serving in {agent.mode} mode")
+        _write_pidfile()
         if ready is not None:
             ready(agent)
         interval = sdnotify.watchdog_interval()
@@ -218,4 +219,28 @@ def run(config: Config, ready: Optional[Callable[[Agent], None]] = None, mode_ov
         sdnotify.notify("STOPPING=1")
     finally:
         agent.stop()
+        _remove_pidfile()
     return 0
+
+
+def _write_pidfile() -> None:
+    """/run/imds-agent/imds-agent.pid, when the runtime directory exists (systemd creates it), for set-mode."""
+    from .setmode import PIDFILE
+
+    if os.path.isdir(os.path.dirname(PIDFILE)):
+        try:
+            with open(PIDFILE, "w", encoding="ascii") as fh:
+                fh.write(f"{os.getpid()}\n")
+        except OSError as exc:
+            log.warning("cannot write %s: %s", PIDFILE, exc)
+
+
+def _remove_pidfile() -> None:
+    from .setmode import PIDFILE
+
+    try:
+        with open(PIDFILE, encoding="ascii") as fh:
+            if fh.read().strip() == str(os.getpid()):
+                os.unlink(PIDFILE)
+    except (OSError, ValueError):
+        pass
