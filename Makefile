@@ -3,10 +3,11 @@ SHELL := /bin/bash
 PYTHON ?= /usr/bin/python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := python3-venv python3-dev nftables iptables iproute2 util-linux curl procps
+APT_PACKAGES := python3-venv python3-dev nftables iptables iproute2 util-linux curl procps systemd \
+	debootstrap lintian rpm rpmlint
 export PATH := /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
-.PHONY: all deps venv demo test lint unit bench clean
+.PHONY: all deps venv demo test lint unit bench deb rpm clean
 
 all: test
 
@@ -48,5 +49,16 @@ bench: deps
 	$(BIN)/python tests/bench/forwarder.py
 	$(BIN)/python tests/bench/identity.py
 
+# Packages bundle the pyroute2 the tests use (see packaging/README.md for why).
+PYROUTE2_DIR = $(shell $(BIN)/python -c 'import os, pyroute2; print(os.path.dirname(os.path.dirname(pyroute2.__file__)))')
+
+deb: deps
+	packaging/deb/build.sh $(PYROUTE2_DIR) dist
+	lintian --tag-display-limit 0 dist/imds-agent_*_all.deb
+
+rpm: deps
+	packaging/rpm/build.sh $(PYROUTE2_DIR) dist
+	rpmlint dist/imds-agent-*.noarch.rpm || true  # remaining findings are explained in packaging/README.md
+
 clean:
-	rm -rf $(VENV) .stamp-* build dist agent/*.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .stamp-* build dist .cache agent/*.egg-info .mypy_cache .ruff_cache .pytest_cache

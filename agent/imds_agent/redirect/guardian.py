@@ -46,7 +46,11 @@ class Guardian:
 def start_guardian(backend_name: str) -> Guardian:
     """Start a guardian for ``backend_name``; call while still privileged enough to remove rules."""
     argv = [sys.executable, "-m", "imds_agent.redirect.guardian", "--backend", backend_name]
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    env = {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, env=env, start_new_session=True)
     log.info("fail-open guardian started (pid %d)", proc.pid)
     return Guardian(proc)

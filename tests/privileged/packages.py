@@ -1,0 +1,82 @@
+"""Helpers for package tests: a cached Debian 12 root (debootstrap), overlay copies of it, package builds."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyroute2
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE = Path(os.environ.get("IMDS_TEST_CACHE", "/var/cache/imds-agent-test"))
+DEBIAN_ROOT = CACHE / "debian12-root"
+MIRROR = "http://deb.debian.org/debian"
+# The distribution's packages the .deb depends on, installed once into the cached root so that each test installs
+# the package offline (dpkg -i) in seconds.
+INCLUDE = "python3,python3-psutil,python3-yaml,python3-urllib3,python3-iptables,adduser,init-system-helpers,procps"
+ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"}
+
+
+def run(argv: list[str], timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{argv} exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return proc
+
+
+def pyroute2_dir() -> str:
+    """The directory holding the pyroute2 package the agent is tested with (bundled into the packages)."""
+    return str(Path(pyroute2.__file__).resolve().parents[1])
+
+
+def build(kind: str, out: str, version: str = "") -> str:
+    """Build the .deb or .rpm into ``out``; return its path."""
+    env = dict(ENV, SOURCE_DATE_EPOCH="1700000000")
+    if version:
+        env["IMDS_AGENT_VERSION"] = version
+    script = REPO / "packaging" / kind / "build.sh"
+    proc = subprocess.run([str(script), pyroute2_dir(), out], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def debian_root() -> Path:
+    """A minimal Debian 12 root with the package's dependencies, built once and kept in CACHE."""
+    if (DEBIAN_ROOT / ".complete").exists():
+        return DEBIAN_ROOT
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = CACHE / "debian12-root.tmp"
+    run(["rm", "-rf", str(tmp)])
+    run(["debootstrap", "--variant=minbase", f"--include={INCLUDE}", "bookworm", str(tmp), MIRROR], timeout=1200)
+    run(["rm", "-rf", str(DEBIAN_ROOT)])
+    tmp.rename(DEBIAN_ROOT)
+    (DEBIAN_ROOT / ".complete").touch()
+    return DEBIAN_ROOT
+
+
+@contextmanager
+def overlay_root() -> Iterator[Path]:
+    """A writable copy-on-write view of the cached root with /proc and /dev, unmounted afterwards."""
+    lower = debian_root()
+    work = Path(tempfile.mkdtemp(prefix="imds-root-"))
+    upper, scratch, merged = work / "upper", work / "work", work / "root"
+    for d in (upper, scratch, merged):
+        d.mkdir()
+    run(
+        ["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lower},upperdir={upper},workdir={scratch}", str(merged)]
+    )
+    mounted = [merged]
+    try:
+        run(["mount", "-t", "proc", "proc", str(merged / "proc")])
+        mounted.append(merged / "proc")
+        run(["mount", "--bind", "/dev", str(merged / "dev")])
+        mounted.append(merged / "dev")
+        yield merged
+    finally:
+        for path in reversed(mounted):
+            run(["umount", "-l", str(path)], check=False)
+        run(["rm", "-rf", str(work)], check=False)
