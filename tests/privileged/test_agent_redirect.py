@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 from collections.abc import Iterator
 
@@ -118,3 +119,25 @@ def test_unknown_user_and_bad_backend_are_clear_errors(sbx: Sandbox) -> None:
         fh.write(text.replace("user: no-such-user-here", "user: '64001'").replace("backend: auto", "backend: ebpf"))
     proc = bad_user.cli("check-config")
     assert proc.returncode == 78 and "redirect.backend" in proc.stderr and ":3:" in proc.stderr
+
+
+def test_runs_directly_as_its_user_with_ambient_capabilities(sbx: Sandbox) -> None:
+    """What the systemd unit does: User=imds-agent plus AmbientCapabilities; no root at any point."""
+    agent = AgentProcess(sbx, backend="nftables")
+    for sub in ("audit", "state"):
+        os.makedirs(os.path.join(sbx.workdir, sub))
+        os.chown(os.path.join(sbx.workdir, sub), AGENT_UID, AGENT_UID)
+    caps = "+net_admin,+net_raw,+sys_ptrace,+dac_read_search"
+    agent.prefix = ["setpriv", f"--reuid={AGENT_UID}", f"--regid={AGENT_UID}", "--clear-groups",
+                    f"--inh-caps={caps}", f"--ambient-caps={caps}"]  # fmt: skip
+    agent.start()
+    try:
+        assert curl(sbx, V4) == "200" and curl(sbx, V6) == "200"
+        assert sbx.emulator_control.counters()["tokenless"] == 0
+        assert "running without" not in agent.log()  # it holds every capability it wants
+    finally:
+        assert agent.stop() == 0
+    with open(os.path.join(sbx.workdir, "audit", "audit.jsonl"), encoding="utf-8") as fh:
+        records = [json.loads(line) for line in fh]
+    assert records and all(r["exe"] == "/usr/bin/curl" and r["uid"] == NOBODY for r in records)
+    assert rules_state(agent)["state"] == "absent"

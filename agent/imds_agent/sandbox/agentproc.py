@@ -33,6 +33,7 @@ class AgentProcess:
         self.config = os.path.join(sbx.workdir, "agent.yaml")
         self.log_path = os.path.join(sbx.workdir, "agent.log")
         self.proc: Optional[subprocess.Popen[str]] = None
+        self.prefix: list[str] = []  # e.g. setpriv arguments, to start it the way a service manager would
         work = sbx.workdir
         with open(self.config, "w", encoding="utf-8") as fh:
             fh.write(
@@ -52,7 +53,7 @@ class AgentProcess:
             notify.bind(notify_path)
             os.chmod(notify_path, 0o666)  # the agent has dropped to its own uid by the time it says READY
             env = {"NOTIFY_SOCKET": notify_path, "PYTHONUNBUFFERED": "1"}
-            argv = [sys.executable, "-m", "imds_agent.cli", "--config", self.config, self.mode]
+            argv = [*self.prefix, sys.executable, "-m", "imds_agent.cli", "--config", self.config, self.mode]
             with open(self.log_path, "a", encoding="utf-8") as log:
                 self.proc = self.sbx.spawn(argv, env=env, stdout=log, stderr=log)
             deadline = time.monotonic() + timeout
