@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 Headers = list[tuple[str, str]]
 
 # Headers urllib3 or http.client would add on their own; SKIP_HEADER keeps them out unless the client sent them.
-_SKIPPABLE = ("host", "accept-encoding", "user-agent")
+# Host is different: HTTP/1.1 requires it and strict servers (h11-based emulators among them) answer 400 without
+# it, so a request that has none (the agent's own token requests, HTTP/1.0 clients) gets the upstream's address.
+_SKIPPABLE = ("accept-encoding", "user-agent")
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,12 @@ class Upstream:
         )
 
     @property
+    def host_header(self) -> str:
+        """The Host header for requests that carry none: the address, with the port unless it is 80."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == 80 else f"{host}:{self.port}"
+
+    @property
     def netloc(self) -> str:
         """host:port as written in messages, with IPv6 literals bracketed."""
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -74,14 +82,20 @@ class Upstream:
         names the cause and never includes header values.
         """
         send: dict[str, str] = {}
+        spelled: dict[str, str] = {}
         for name, value in headers:
             key = name.lower()
             # http.client would join duplicates anyway; IMDS requests carry no repeatable headers.
-            send[name] = value if key not in send else send[name] + ", " + value
-        present = {name.lower() for name in send}
+            if key in spelled:
+                send[spelled[key]] += ", " + value
+            else:
+                spelled[key] = name
+                send[name] = value
         for name in _SKIPPABLE:
-            if name not in present:
+            if name not in spelled:
                 send[name] = SKIP_HEADER
+        if "host" not in spelled:
+            send["Host"] = self.host_header
         try:
             resp = self._pool.urlopen(
                 method,

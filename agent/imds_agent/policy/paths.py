@@ -34,6 +34,18 @@ class MetadataPath:
     path: str
     sensitive: Optional[str]  # the sensitive class, or None
 
+    def canonical_target(self, raw: str) -> str:
+        """The request target to send upstream: this normalized path, with the raw target's trailing slash and
+        query kept. Forwarding what the policy judged (not the raw spelling) leaves no room for the policy and
+        the metadata service to read one request two ways, and spares strict servers odd spellings
+        ('//latest/...', as the AWS SDK for JavaScript sends)."""
+        path_part, sep, query = raw.partition("?")
+        parts = [p for p in (self.version, self.path) if p]
+        target = "/" + "/".join(parts)
+        if path_part.endswith("/") and parts:
+            target += "/"
+        return target + (sep + query if sep else "")
+
     @property
     def display(self) -> str:
         """The path as logs and reports show it: '/<version>/<path>'."""

@@ -123,6 +123,8 @@ class Forwarder:
             inject = True
             if self.gate is not None:
                 inject = self.gate.admit(context if context is not None else {}, req, target, ex)
+                if ex.path is not None:
+                    target = ex.path.canonical_target(target)
             resp = self._dispatch(req, target, ex, inject)
             headers = strip_hop_by_hop(resp.headers)
             length = _content_length(resp) if head_only else None

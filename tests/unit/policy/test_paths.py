@@ -67,3 +67,18 @@ def test_globs() -> None:
     assert compile_glob("**").match("")
     assert compile_glob("/usr/bin/*").match("/usr/bin/curl")
     assert not compile_glob("/usr/bin/*").match("/usr/bin/x/curl")
+
+
+@pytest.mark.parametrize(
+    ("raw", "sent"),
+    [
+        ("//latest/meta-data/instance-id", "/latest/meta-data/instance-id"),
+        ("/latest/meta-data/", "/latest/meta-data/"),
+        ("/2021-03-23//meta-data/iam/./info?x=1", "/2021-03-23/meta-data/iam/info?x=1"),
+        ("/latest/meta-data/%69nstance-id", "/latest/meta-data/instance-id"),
+        ("/", "/"),
+        ("/latest", "/latest"),
+    ],
+)
+def test_canonical_target_is_what_the_policy_judged(raw: str, sent: str) -> None:
+    assert normalize(raw).canonical_target(raw) == sent
