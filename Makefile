@@ -7,7 +7,7 @@ APT_PACKAGES := python3-venv python3-dev nftables iptables iproute2 util-linux c
 	debootstrap lintian rpm rpmlint
 export PATH := /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
-.PHONY: all deps venv demo test lint unit bench deb rpm clean
+.PHONY: all deps venv demo test lint unit bench e2e deb rpm clean
 
 all: test
 
@@ -44,6 +44,10 @@ test: lint
 
 demo: deps
 	$(BIN)/python -m imds_agent.sandbox.demo
+
+# The client x upstream x mode matrix (also part of `make test`); installs the clients once into a cache.
+e2e: deps
+	$(BIN)/python tests/e2e/matrix.py
 
 bench: deps
 	$(BIN)/python tests/bench/forwarder.py

@@ -144,7 +144,7 @@ def test_audit_suggest_enforce_round_trip(sbx: Sandbox) -> None:
     assert audit.cli("suggest", "-o", suggested).returncode == 0
     assert audit.cli("suggest", "-o", suggested).returncode == 1  # never overwrites
     with open(audit.config, encoding="utf-8") as fh:
-        text = fh.read().replace("policy: {dir:", "policy: {default: deny, dir:")
+        text = fh.read().replace("default: allow-nonsensitive}", "default: deny}")
     with open(audit.config, "w", encoding="utf-8") as fh:
         fh.write(text)
     enforce = audit.start(mode="enforce")

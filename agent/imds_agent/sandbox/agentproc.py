@@ -27,6 +27,7 @@ class AgentProcess:
         fail_mode: str = "open",
         reconcile_interval: float = 1.0,
         extra: str = "",
+        policy_default: str = "allow-nonsensitive",
     ):
         self.sbx = sbx
         self.mode = mode
@@ -39,7 +40,7 @@ class AgentProcess:
             fh.write(
                 f"mode: {mode}\nuser: '{uid}'\n"
                 f"redirect: {{backend: {backend}, fail_mode: {fail_mode}, reconcile_interval: {reconcile_interval}}}\n"
-                f"policy: {{dir: {work}/policy.d}}\n"
+                f"policy: {{dir: {work}/policy.d, default: {policy_default}}}\n"
                 f"audit: {{log: {work}/audit/audit.jsonl, state_dir: {work}/state}}\n" + extra
             )
 

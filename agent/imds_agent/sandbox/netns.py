@@ -72,12 +72,21 @@ def sweep_stale() -> list[str]:
 class Sandbox:
     """Two namespaces, a veth pair, the emulator; see the module docstring."""
 
-    def __init__(self, tokens: str = "required", emulator: bool = True, workdir: Optional[str] = None):
+    def __init__(
+        self,
+        tokens: str = "required",
+        emulator: bool = True,
+        workdir: Optional[str] = None,
+        ministack: Optional[str] = None,
+    ):
+        """``ministack``: path of a ministack executable to serve as the metadata service instead of the emulator
+        (IMDSv2 required), behind a counting tap; its counters come through ``emulator_control`` all the same."""
         ident = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.host_ns = f"{PREFIX}{ident}-host"
         self.imds_ns = f"{PREFIX}{ident}-imds"
         self.tokens = tokens
         self.with_emulator = emulator
+        self.ministack = ministack
         self._own_workdir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="imds-sandbox-")
         self.control_path = os.path.join(self.workdir, "emulator.sock")
@@ -97,7 +106,9 @@ class Sandbox:
                 netns.create(name)
                 self._created.append(name)
             self._wire()
-            if self.with_emulator:
+            if self.ministack:
+                self._start_ministack(self.ministack)
+            elif self.with_emulator:
                 self._start_emulator()
         except BaseException:
             self.close()
@@ -125,6 +136,23 @@ class Sandbox:
     def _start_emulator(self) -> None:
         argv = [sys.executable, "-m", "imds_agent.sandbox.emulator", "--listen", f"{IMDS_V4}:80",
                 "--listen", f"[{IMDS_V6}]:80", "--tokens", self.tokens, "--control", self.control_path]  # fmt: skip
+        self._start_and_wait(argv)
+
+    def _start_ministack(self, executable: str) -> None:
+        env = {"SERVICES": "imds", "MINISTACK_IMDS_V2_REQUIRED": "1", "GATEWAY_PORT": "4566",
+               "BIND_HOST": "127.0.0.1", "HOME": self.workdir}  # fmt: skip
+        log = open(os.path.join(self.workdir, "ministack.log"), "w", encoding="utf-8")  # noqa: SIM115
+        self.spawn([executable], ns="imds", env=env, stdout=log, stderr=log)
+        log.close()
+        probe = [sys.executable, "-c", "import socket; socket.create_connection(('127.0.0.1', 4566), 1)"]
+        if not wait_for(lambda: self.run(probe, ns="imds").returncode == 0, timeout=30, interval=0.2):
+            with open(os.path.join(self.workdir, "ministack.log"), encoding="utf-8") as fh:
+                raise RuntimeError(f"ministack did not start: {fh.read()[-2000:]}")
+        argv = [sys.executable, "-m", "imds_agent.sandbox.tap", "--listen", f"{IMDS_V4}:80", "--listen",
+                f"[{IMDS_V6}]:80", "--upstream", "127.0.0.1:4566", "--control", self.control_path]  # fmt: skip
+        self._start_and_wait(argv)
+
+    def _start_and_wait(self, argv: list[str]) -> None:
         proc = self.spawn(argv, ns="imds", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.emulator = proc
         assert proc.stdout is not None
