@@ -46,6 +46,21 @@ def _netns_pids(name: str) -> list[int]:
         return []
 
 
+def _delete_namespace(name: str) -> bool:
+    """Kill whatever still runs inside ``name`` (a namespace with live processes stays around), then delete it."""
+    for pid in _netns_pids(name):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        netns.remove(name)
+    except OSError as exc:
+        log.warning("cannot remove namespace %s: %s", name, exc)
+        return False
+    return True
+
+
 def sweep_stale() -> list[str]:
     """Delete sandbox namespaces whose creator process is gone (left by a crashed run); return their names."""
     removed = []
@@ -56,16 +71,8 @@ def sweep_stale() -> list[str]:
         creator = int(parts[0]) if parts and parts[0].isdigit() else 0
         if creator and os.path.exists(f"/proc/{creator}"):
             continue
-        for pid in _netns_pids(name):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            netns.remove(name)
+        if _delete_namespace(name):
             removed.append(name)
-        except OSError as exc:
-            log.warning("cannot remove stale namespace %s: %s", name, exc)
     return removed
 
 
@@ -227,15 +234,7 @@ class Sandbox:
         for proc in reversed(self._procs):
             self._stop(proc)
         for name in reversed(self._created):
-            for pid in _netns_pids(name):  # strays started by something else inside our namespace
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            try:
-                netns.remove(name)
-            except OSError as exc:
-                log.warning("cannot remove namespace %s: %s", name, exc)
+            _delete_namespace(name)
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
