@@ -91,6 +91,7 @@ def install() -> None:
     CACHE.mkdir(parents=True, exist_ok=True)
     missing = [p for p in APT_CLIENTS if subprocess.run(["dpkg", "-s", p], env=ENV, capture_output=True).returncode]
     if missing:
+        _run(["apt-get", "update", "-q"])
         _run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing])
     for venv, packages in ((CLIENT_VENV, PIP_CLIENTS), (MINISTACK_VENV, ("ministack",))):
         if not (venv / "bin" / "python").exists():
