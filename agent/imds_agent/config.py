@@ -83,8 +83,10 @@ class UpstreamConfig:
     connect_timeout: float = 1.0
     read_timeout: float = 3.0
     pool_size: int = 16
+    via: str = "ipv4"  # which address the agent itself uses: ipv6 on IPv6-only instances
 
     def __post_init__(self) -> None:
+        _check(self.via in ("ipv4", "ipv6"), "via", f"must be ipv4 or ipv6; got {self.via!r}")
         _ip(self.ipv4, 4, "ipv4")
         _ip(self.ipv6, 6, "ipv6")
         _port(self.port, "port")

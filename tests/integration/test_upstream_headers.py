@@ -72,3 +72,10 @@ def test_client_headers_pass_as_sent_and_duplicates_join(recorder: Recorder) -> 
     assert Upstream(UpstreamConfig(ipv4="169.254.169.254")).host_header == "169.254.169.254"
     assert Upstream(UpstreamConfig(), host="fd00:ec2::254").host_header == "[fd00:ec2::254]"
     up.close()
+
+
+def test_via_ipv6_uses_the_ipv6_address() -> None:
+    from imds_agent.config import UpstreamConfig as UC
+
+    assert Upstream(UC(via="ipv6")).netloc == "[fd00:ec2::254]:80"
+    assert Upstream(UC()).netloc == "169.254.169.254:80"

@@ -141,3 +141,13 @@ def test_runs_directly_as_its_user_with_ambient_capabilities(sbx: Sandbox) -> No
         records = [json.loads(line) for line in fh]
     assert records and all(r["exe"] == "/usr/bin/curl" and r["uid"] == NOBODY for r in records)
     assert rules_state(agent)["state"] == "absent"
+
+
+def test_ipv6_only_upstream(sbx: Sandbox) -> None:
+    """On an IPv6-only instance the agent reaches the service at [fd00:ec2::254]; clients may use either address."""
+    agent = AgentProcess(sbx, extra="upstream: {via: ipv6}\n").start()
+    try:
+        assert curl(sbx, V4) == "200" and curl(sbx, V6) == "200"
+        assert sbx.emulator_control.counters()["tokenless"] == 0
+    finally:
+        agent.stop()

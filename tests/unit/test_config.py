@@ -103,3 +103,12 @@ def test_config_is_frozen() -> None:
     with pytest.raises(AttributeError):
         config.mode = "enforce"  # type: ignore[misc]
     assert config.with_mode("enforce").mode == "enforce" and config.mode == "audit"
+
+
+def test_upstream_via_is_checked(tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text("upstream:\n  via: ipv5\n")
+    with pytest.raises(ConfigError, match="upstream.via"):
+        configmod.load(str(path), required=True)
+    path.write_text("upstream:\n  via: ipv6\n")
+    assert configmod.load(str(path), required=True).upstream.via == "ipv6"

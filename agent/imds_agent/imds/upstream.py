@@ -49,7 +49,7 @@ class Upstream:
     """Sends requests to the metadata service over a bounded pool of keep-alive connections."""
 
     def __init__(self, config: UpstreamConfig, host: Optional[str] = None):
-        self.host = host or config.ipv4
+        self.host = host or (config.ipv6 if config.via == "ipv6" else config.ipv4)
         self.port = config.port
         self.timeout = Timeout(connect=config.connect_timeout, read=config.read_timeout)
         # No retries here: the handler decides what may be retried (a 401 once, with a fresh token); a silent
