@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 FILENAME = "inventory.json"
 VERSION = 1
+# A host that runs throw-away executables (random temp paths) must not grow the inventory without end: past this
+# many entries the least recently seen is dropped (and counted, so a report can say it is incomplete).
+MAX_ENTRIES = 20000
 UNKNOWN_EXE = "(unidentified)"
 
 
@@ -61,6 +64,7 @@ class Inventory:
         self._lock = threading.Lock()
         self._entries: dict[Key, Entry] = {}
         self._dirty = False
+        self.evicted = 0
 
     def load(self) -> Inventory:
         """Read the saved inventory; a missing file is an empty one, a corrupt one is an error naming it."""
@@ -88,6 +92,10 @@ class Inventory:
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
+                if len(self._entries) >= MAX_ENTRIES:
+                    oldest = min(self._entries, key=lambda k: self._entries[k].last_seen)
+                    del self._entries[oldest]
+                    self.evicted += 1
                 self._entries[key] = Entry(key[0], uid, user, cls, imds, decision, 1, when, when)
             else:
                 entry.count += 1

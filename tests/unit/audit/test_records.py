@@ -105,3 +105,14 @@ def test_suggest_then_enforce_allows_exactly_what_was_seen(tmp_path: Path) -> No
     assert not allowed("/latest/user-data")
     assert not allowed("/latest/meta-data/placement/region", uid=1001)
     assert not allowed("/latest/meta-data/placement/region", exe="/usr/bin/wget")
+
+
+def test_inventory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from imds_agent.audit import inventory as inv_mod
+
+    monkeypatch.setattr(inv_mod, "MAX_ENTRIES", 3)
+    inv = Inventory("/nonexistent")
+    for n in range(5):
+        inv.add(f"/tmp/run-{n}", 1000, "app", "meta-data", "v1", "allow", float(n))
+    assert sorted(e.exe for e in inv.entries()) == ["/tmp/run-2", "/tmp/run-3", "/tmp/run-4"]
+    assert inv.evicted == 2
