@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Optional
 
 import pytest
@@ -334,3 +335,38 @@ def test_keep_alive_serves_several_requests_and_idle_connections_are_closed(emul
     time.sleep(2.5)  # idle_timeout is 2 s in this fixture
     assert conn.sock.recv(1) == b""  # the agent closed it
     conn.close()
+
+
+def test_no_token_or_credential_reaches_the_logs_or_the_audit_record(
+    emulator: Emulator, agent: Agent, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    issued: list[str] = []
+    issue = emulator.issue
+
+    def recording_issue(ttl: int) -> str:
+        token = issue(ttl)
+        issued.append(token)
+        return token
+
+    monkeypatch.setattr(emulator, "issue", recording_issue)
+    caplog.set_level("DEBUG")
+    role = get(agent, CREDS)[1].decode().strip()
+    creds = json.loads(get(agent, CREDS + role)[1])  # injected token
+    own = get(agent, "/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "60"}, "PUT")[1].decode()
+    assert get(agent, CREDS + role, {"X-aws-ec2-metadata-token": own})[0] == 200  # the client's token
+    emulator.invalidate_tokens()
+    assert get(agent, CREDS + role)[0] == 200  # 401, refresh, retry: a second injected token
+    assert get(agent, CREDS, {"X-aws-ec2-metadata-token": "forged-" + own})[0] == 401
+    agent.stop()  # flushes the audit log and the inventory
+
+    assert len(issued) == 3 and own in issued
+    secrets = [*issued, creds["SecretAccessKey"], creds["Token"]]
+    records = [
+        Path(agent.config.audit.log).read_text(),
+        *(p.read_text() for p in Path(agent.config.audit.state_dir).iterdir()),
+    ]
+    assert caplog.records, "the agent logged nothing at DEBUG, so this check would prove nothing"
+    for text in [caplog.text, *records]:
+        for secret in secrets:
+            assert secret not in text
+    assert role in records[0]  # the audit record does name the path that was read

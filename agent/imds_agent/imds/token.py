@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from ..errors import TokenError, UpstreamError
@@ -29,15 +29,15 @@ REFRESH_BACKOFF = 5.0
 
 @dataclass(frozen=True)
 class FetchedToken:
-    """A token as the metadata service issued it."""
+    """A token as the metadata service issued it; its repr leaves the value out, so no log line can carry it."""
 
-    value: str
+    value: str = field(repr=False)
     ttl: int
 
 
 @dataclass(frozen=True)
 class _Cached:
-    value: str
+    value: str = field(repr=False)
     refresh_at: float
     expires_at: float
 

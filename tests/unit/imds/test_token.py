@@ -146,3 +146,8 @@ def test_invalidate_only_drops_the_named_token() -> None:
     cache.invalidate("tok-1")  # a late 401 for the old token must not throw away the new one
     assert cache.get() == "tok-2"
     assert fetch.calls == 2
+
+
+def test_token_reprs_leave_the_value_out() -> None:
+    fetched = FetchedToken("AQAEA-secret-value", 60)
+    assert "AQAEA-secret-value" not in repr(fetched) and "60" in repr(fetched)
