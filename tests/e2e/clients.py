@@ -17,7 +17,7 @@ MINISTACK_VENV = CACHE / "ministack"
 NODE_DIR = CACHE / "node"
 PIP_CLIENTS = ("requests", "boto3", "awscli", "ec2-metadata")
 NPM_CLIENTS = ("@aws-sdk/credential-providers", "@aws-sdk/ec2-metadata-service", "node-ec2-metadata")
-APT_CLIENTS = ("cloud-init", "libvm-ec2-perl", "curl")
+APT_CLIENTS = ("cloud-init", "libvm-ec2-security-credentialcache-perl", "curl")
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"}
 
 ACCESS_KEY = r"\bASIA[A-Z0-9]{12,}\b"
@@ -69,11 +69,10 @@ CLIENTS = (
     Client("node-ec2-metadata", ("node", "-e",
         "require('node-ec2-metadata').getMetadataForInstance('instance-id').then(console.log)" + NODE_CATCH),
         INSTANCE_ID, "v1"),
-    # Debian 12's libvm-ec2-perl (1.28) has no Security::CredentialCache; Instance::Metadata::iam_credentials is
-    # what that cache calls: a v1 GET of iam/security-credentials (no trailing slash), then of the role.
-    Client("perl-vm-ec2", ("perl", "-MVM::EC2::Instance::Metadata", "-e",
-        "my $c = VM::EC2::Instance::Metadata->new->iam_credentials or die qq(no credentials\\n);"
-        " print $c->accessKeyId, qq(\\n)"), ACCESS_KEY, "v1"),
+    # VM::EC2::Security::CredentialCache (its own Debian package, on top of libvm-ec2-perl): v1 GETs of
+    # iam/security-credentials (no trailing slash), then of the role, and it parses the Expiration.
+    Client("perl-vm-ec2", ("perl", "-MVM::EC2::Security::CredentialCache", "-e",
+        "print VM::EC2::Security::CredentialCache->get->accessKeyId, qq(\\n)"), ACCESS_KEY, "v1"),
 )  # fmt: skip
 
 
@@ -85,14 +84,17 @@ def _run(argv: list[str], cwd: Path | None = None, timeout: float = 900) -> None
 
 def install() -> None:
     """Install every client (and ministack in its own virtual environment) once; later calls return at once."""
-    marker = CACHE / ".complete"
-    if marker.exists():
-        return
-    CACHE.mkdir(parents=True, exist_ok=True)
+    # Distribution packages are checked every time (dpkg -s is cheap); the registries' installs are redone only
+    # when the list of clients changes, which the marker records.
     missing = [p for p in APT_CLIENTS if subprocess.run(["dpkg", "-s", p], env=ENV, capture_output=True).returncode]
     if missing:
         _run(["apt-get", "update", "-q"])
         _run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing])
+    marker = CACHE / ".complete"
+    wanted = repr((PIP_CLIENTS, NPM_CLIENTS, "ministack"))
+    if marker.exists() and marker.read_text() == wanted:
+        return
+    CACHE.mkdir(parents=True, exist_ok=True)
     for venv, packages in ((CLIENT_VENV, PIP_CLIENTS), (MINISTACK_VENV, ("ministack",))):
         if not (venv / "bin" / "python").exists():
             _run(["/usr/bin/python3", "-m", "venv", str(venv)])
@@ -103,4 +105,4 @@ def install() -> None:
     _run(["npm", "install", "--silent", "--no-audit", "--no-fund", *NPM_CLIENTS], cwd=NODE_DIR)
     for path in (CACHE, CLIENT_VENV, NODE_DIR):
         os.chmod(path, 0o755)
-    marker.touch()
+    marker.write_text(wanted)
