@@ -139,15 +139,17 @@ class Agent:
             )
 
     def _drop_privileges(self) -> None:
+        keep = privileges.caps_for(self.interception.backend.name if self.interception is not None else None)
         if os.geteuid() != 0:
-            missing = privileges.missing_caps()
+            missing = privileges.missing_caps(keep)
             if missing:
                 log.warning("running without %s: some callers may not be identifiable", ", ".join(missing))
+            privileges.limit_to(keep)
             return
         if self.account.uid == 0:
             log.warning("configured user is root: the agent keeps full privileges and root's traffic is not redirected")
             return
-        privileges.drop_to(self.account)
+        privileges.drop_to(self.account, keep)
 
     def _accepted(self, conn: Connection) -> None:
         conn.context["original_dst"] = original_dst(conn.sock)

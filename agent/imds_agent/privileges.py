@@ -76,6 +76,13 @@ def effective_caps() -> set[int]:
     return set()
 
 
+def caps_for(backend: str | None) -> tuple[int, ...]:
+    """The capabilities the agent keeps once it runs: CAP_NET_RAW only where the iptables backend needs it."""
+    if backend == "iptables":
+        return REQUIRED_CAPS
+    return tuple(cap for cap in REQUIRED_CAPS if cap != CAP_NET_RAW)
+
+
 def missing_caps(wanted: tuple[int, ...] = REQUIRED_CAPS) -> list[str]:
     """Names of the ``wanted`` capabilities the process does not hold."""
     have = effective_caps()
@@ -100,6 +107,37 @@ def _check(result: int, what: str) -> None:
         raise PrivilegeError(f"{what} failed: {os.strerror(err)}")
 
 
+def _capset(permitted: int, effective: int, inheritable: int) -> None:
+    header = _CapHeader(_CAP_VERSION_3, 0)
+    data = (_CapData * 2)(
+        _CapData(effective & 0xFFFFFFFF, permitted & 0xFFFFFFFF, inheritable & 0xFFFFFFFF),
+        _CapData(effective >> 32, permitted >> 32, inheritable >> 32),
+    )
+    _check(_libc().capset(ctypes.byref(header), data), "capset")
+
+
+def _mask(caps: tuple[int, ...]) -> int:
+    mask = 0
+    for cap in caps:
+        mask |= 1 << cap
+    return mask
+
+
+def limit_to(keep: tuple[int, ...]) -> None:
+    """Give up every capability not in ``keep`` (for an agent started unprivileged with ambient capabilities).
+
+    Lowering the permitted and inheritable sets also clears those capabilities from the ambient set, so the
+    helper processes the agent starts get no more than it kept. Only ever removes capabilities.
+    """
+    sets: dict[str, int] = {}
+    with open("/proc/thread-self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith(("CapPrm:", "CapEff:", "CapInh:")):
+                sets[line[:6]] = int(line.split()[1], 16)
+    keep_mask = _mask(keep)
+    _capset(sets["CapPrm"] & keep_mask, sets["CapEff"] & keep_mask, sets["CapInh"] & keep_mask)
+
+
 def drop_to(account: Account, keep: tuple[int, ...] = REQUIRED_CAPS) -> None:
     """Switch from root to ``account`` keeping exactly ``keep`` as permitted and effective capabilities.
 
@@ -118,13 +156,8 @@ def drop_to(account: Account, keep: tuple[int, ...] = REQUIRED_CAPS) -> None:
     os.setgroups([])
     os.setresgid(account.gid, account.gid, account.gid)
     os.setresuid(account.uid, account.uid, account.uid)
-    mask = 0
-    for cap in keep:
-        mask |= 1 << cap
-    header = _CapHeader(_CAP_VERSION_3, 0)
-    lo, hi = mask & 0xFFFFFFFF, mask >> 32
-    data = (_CapData * 2)(_CapData(lo, lo, lo), _CapData(hi, hi, hi))
-    _check(libc.capset(ctypes.byref(header), data), "capset")
+    mask = _mask(keep)
+    _capset(mask, mask, mask)
     # Ambient too, so the helper processes the agent runs (the iptables worker) keep the same capabilities,
     # exactly as under systemd's AmbientCapabilities; nothing else is ever executed.
     for cap in keep:
