@@ -63,15 +63,15 @@ def report(entries: Iterable[Entry], since: Optional[float] = None) -> list[Call
 def render_table(rows: list[CallerRow]) -> str:
     """The human report."""
     width = max([len("EXECUTABLE")] + [len(r.exe) for r in rows])
+    sensitive = [",".join(sorted(r.sensitive)) or "-" for r in rows]
+    swidth = max([len("SENSITIVE")] + [len(s) for s in sensitive])
     head = f"{'EXECUTABLE':<{width}} {'USER':<12} {'REQUESTS':>8} {'IMDSv1':>7} {'WOULD-DENY':>10} {'DENIED':>7}"
-    head += "  SENSITIVE"
-    lines = [head]
-    for r in rows:
+    lines = [f"{head}  {'SENSITIVE':<{swidth}}  LAST SEEN (UTC)"]
+    for r, sens in zip(rows, sensitive):
         user = r.user or (str(r.uid) if r.uid is not None else "?")
-        sens = ",".join(sorted(r.sensitive)) or "-"
         lines.append(
-            f"{r.exe:<{width}} {user:<12} {r.requests:>8} {r.imdsv1:>7} {r.would_deny:>10} {r.denied:>7}  {sens}"
-            f"  (last {time.strftime('%Y-%m-%d %H:%M', time.gmtime(r.last_seen))})"
+            f"{r.exe:<{width}} {user:<12} {r.requests:>8} {r.imdsv1:>7} {r.would_deny:>10} {r.denied:>7}"
+            f"  {sens:<{swidth}}  {time.strftime('%Y-%m-%d %H:%M', time.gmtime(r.last_seen))}"
         )
     if not rows:
         lines.append("(no requests recorded yet)")

@@ -38,7 +38,7 @@ def show(label: str, proc: subprocess.CompletedProcess[str], limit: int = 300) -
     if "<title>" in body:  # the service's HTML error page: its title says it all
         body = body.split("<title>", 1)[1].split("</title>", 1)[0]
     shown = body if len(body) <= limit else body[:limit] + " ..."
-    print(f"  {label}\n    -> HTTP {code or '?'} {shown.replace(chr(10), ' | ')}", flush=True)
+    print(f"  {label}\n    -> HTTP {code or '?'} {shown.strip().replace(chr(10), ' | ')}", flush=True)
     return code
 
 

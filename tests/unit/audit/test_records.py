@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
-from imds_agent.audit.inventory import Inventory, path_class
+from imds_agent.audit.inventory import Entry, Inventory, path_class
 from imds_agent.audit.log import AuditLog, AuditRecord
-from imds_agent.audit.report import report, suggest
+from imds_agent.audit.report import render_table, report, suggest
 from imds_agent.errors import ConfigError
 from imds_agent.identity.caller import Caller
 from imds_agent.policy.engine import decide
@@ -116,3 +117,20 @@ def test_inventory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         inv.add(f"/tmp/run-{n}", 1000, "app", "meta-data", "v1", "allow", float(n))
     assert sorted(e.exe for e in inv.entries()) == ["/tmp/run-2", "/tmp/run-3", "/tmp/run-4"]
     assert inv.evicted == 2
+
+
+def test_report_table_has_aligned_columns_and_the_last_seen_time() -> None:
+    t = 1_790_000_000.0
+    when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(t))
+    rows = report(
+        [
+            Entry("/usr/bin/curl", 65534, "nobody", "credentials", "v1", "would-deny", 3, t - 60, t),
+            Entry("/usr/bin/curl", 65534, "nobody", "identity", "v2", "allow", 2, t - 60, t - 30),
+            Entry("/opt/app/bin/exporter", 1000, None, "metadata", "v1", "allow", 1, t, t),
+        ]
+    )
+    head, curl, exporter = render_table(rows).splitlines()
+    assert curl.split()[:7] == ["/usr/bin/curl", "nobody", "5", "3", "3", "0", "credentials"]
+    assert exporter.split()[:2] == ["/opt/app/bin/exporter", "1000"]  # no user name: the uid
+    assert head.index("SENSITIVE") == curl.index("credentials") == exporter.index("-  ")
+    assert head.index("LAST SEEN") == curl.index(when) == exporter.index(when)
