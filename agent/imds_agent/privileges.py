@@ -135,7 +135,16 @@ def limit_to(keep: tuple[int, ...]) -> None:
             if line.startswith(("CapPrm:", "CapEff:", "CapInh:")):
                 sets[line[:6]] = int(line.split()[1], 16)
     keep_mask = _mask(keep)
-    _capset(sets["CapPrm"] & keep_mask, sets["CapEff"] & keep_mask, sets["CapInh"] & keep_mask)
+    surplus = sets["CapPrm"] & ~keep_mask
+    if not surplus:
+        return
+    try:
+        _capset(sets["CapPrm"] & keep_mask, sets["CapEff"] & keep_mask, sets["CapInh"] & keep_mask)
+    except PrivilegeError as exc:
+        # A seccomp filter that forbids capset (a unit without the shipped one's exception) must not stop the
+        # agent: it keeps what it was given, which its service manager chose.
+        extra = [CAP_NAMES.get(c, str(c)) for c in range(64) if surplus >> c & 1]
+        log.warning("could not give up %s (%s); running with them", ", ".join(extra), exc)
 
 
 def drop_to(account: Account, keep: tuple[int, ...] = REQUIRED_CAPS) -> None:
