@@ -4,7 +4,7 @@ PYTHON ?= /usr/bin/python3
 VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := python3-venv python3-dev nftables iptables iproute2 util-linux curl procps systemd \
-	debootstrap lintian rpm rpmlint
+	debootstrap systemd-container lintian rpm rpmlint
 export PATH := /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 .PHONY: all deps venv demo test lint unit bench e2e deb rpm clean
@@ -12,7 +12,7 @@ export PATH := /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 all: test
 
 # Host packages: installed only when one is missing, so warm runs stay fast and offline.
-.stamp-apt:
+.stamp-apt: Makefile
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing host packages: $$missing"; \

@@ -7,6 +7,7 @@ and prints one recognisable value: an access key id, the role name, or the insta
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,8 @@ def install() -> None:
     # Distribution packages are checked every time (dpkg -s is cheap); the registries' installs are redone only
     # when the list of clients changes, which the marker records.
     missing = [p for p in APT_CLIENTS if subprocess.run(["dpkg", "-s", p], env=ENV, capture_output=True).returncode]
+    if shutil.which("npm", path=ENV["PATH"]) is None:
+        missing += ["nodejs", "npm"]  # Debian's, where the host has no Node.js of its own
     if missing:
         _run(["apt-get", "update", "-q"])
         _run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing])

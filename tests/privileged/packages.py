@@ -13,7 +13,6 @@ import pyroute2
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("IMDS_TEST_CACHE", "/var/cache/imds-agent-test"))
-DEBIAN_ROOT = CACHE / "debian12-root"
 MIRROR = "http://deb.debian.org/debian"
 # The distribution's packages the .deb depends on, installed once into the cached root so that each test installs
 # the package offline (dpkg -i) in seconds.
@@ -44,24 +43,31 @@ def build(kind: str, out: str, version: str = "") -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
-def debian_root() -> Path:
-    """A minimal Debian 12 root with the package's dependencies, built once and kept in CACHE."""
-    if (DEBIAN_ROOT / ".complete").exists():
-        return DEBIAN_ROOT
+def debian_root(name: str = "debian12-root", include: str = INCLUDE) -> Path:
+    """A minimal Debian 12 root with ``include`` installed, built once and kept in CACHE under ``name``."""
+    root = CACHE / name
+    if (root / ".complete").exists():
+        return root
     CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = CACHE / "debian12-root.tmp"
+    tmp = CACHE / f"{name}.tmp"
     run(["rm", "-rf", str(tmp)])
-    run(["debootstrap", "--variant=minbase", f"--include={INCLUDE}", "bookworm", str(tmp), MIRROR], timeout=1200)
-    run(["rm", "-rf", str(DEBIAN_ROOT)])
-    tmp.rename(DEBIAN_ROOT)
-    (DEBIAN_ROOT / ".complete").touch()
-    return DEBIAN_ROOT
+    run(["debootstrap", "--variant=minbase", f"--include={include}", "bookworm", str(tmp), MIRROR], timeout=1200)
+    run(["rm", "-rf", str(root)])
+    tmp.rename(root)
+    (root / ".complete").touch()
+    return root
+
+
+def systemd_root() -> Path:
+    """The same root plus systemd as init and curl for clients, to boot as a container."""
+    return debian_root("debian12-systemd", INCLUDE + ",systemd,systemd-sysv,dbus,nftables,curl,iproute2")
 
 
 @contextmanager
-def overlay_root() -> Iterator[Path]:
-    """A writable copy-on-write view of the cached root with /proc and /dev, unmounted afterwards."""
-    lower = debian_root()
+def overlay_root(lower: Path | None = None, chroot_mounts: bool = True) -> Iterator[Path]:
+    """A writable copy-on-write view of a cached root (by default the plain one), unmounted afterwards; with
+    ``chroot_mounts`` it also gets /proc and /dev for chroot (a booted container mounts its own)."""
+    lower = lower or debian_root()
     work = Path(tempfile.mkdtemp(prefix="imds-root-"))
     upper, scratch, merged = work / "upper", work / "work", work / "root"
     for d in (upper, scratch, merged):
@@ -71,10 +77,11 @@ def overlay_root() -> Iterator[Path]:
     )
     mounted = [merged]
     try:
-        run(["mount", "-t", "proc", "proc", str(merged / "proc")])
-        mounted.append(merged / "proc")
-        run(["mount", "--bind", "/dev", str(merged / "dev")])
-        mounted.append(merged / "dev")
+        if chroot_mounts:
+            run(["mount", "-t", "proc", "proc", str(merged / "proc")])
+            mounted.append(merged / "proc")
+            run(["mount", "--bind", "/dev", str(merged / "dev")])
+            mounted.append(merged / "dev")
         yield merged
     finally:
         for path in reversed(mounted):

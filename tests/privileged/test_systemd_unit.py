@@ -1,0 +1,130 @@
+"""The .deb's unit under a real systemd (a booted Debian 12 container in the sandbox's host namespace).
+
+One long scenario, because booting costs seconds: install enables and starts the agent in audit mode; systemd's
+view of it (notify, user, capabilities, seccomp); a client as another uid; set-mode and reload; a hung agent is
+killed by the watchdog and restarted; SIGKILL is restarted; a broken config stops the restarts; stop and remove
+leave no rules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from imds_agent.sandbox.netns import Sandbox, wait_for
+
+from .nspawn import Container, booted
+from .packages import build, overlay_root, systemd_root
+
+pytestmark = pytest.mark.privileged
+UNIT = "imds-agent.service"
+CREDS = "http://169.254.169.254/latest/meta-data/iam/security-credentials/"
+CAP_BITS = {"dac_read_search": 2, "net_admin": 12, "net_raw": 13, "sys_ptrace": 19}
+
+
+def curl_as_nobody(ct: Container, url: str = CREDS) -> str:
+    argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+            "curl", "-s", "-w", "\n%{http_code}", "--max-time", "5", url]  # fmt: skip
+    return ct.run(*argv, check=False).stdout
+
+
+def main_status(ct: Container) -> dict[str, str]:
+    pid = ct.show(UNIT, "MainPID")["MainPID"]
+    assert pid != "0", ct.journal(UNIT)
+    text = ct.run("cat", f"/proc/{pid}/status").stdout
+    return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+
+
+def held(mask: str) -> set[str]:
+    bits = int(mask, 16)
+    names = {name for name, bit in CAP_BITS.items() if bits >> bit & 1}
+    assert bits == sum(1 << CAP_BITS[n] for n in names), f"unexpected capabilities in {mask}"
+    return names
+
+
+def active(ct: Container) -> bool:
+    return ct.run("systemctl", "is-active", UNIT, check=False).stdout.strip() == "active"
+
+
+def our_rules(sbx: Sandbox) -> bool:
+    return "imds_agent" in sbx.run(["nft", "list", "ruleset"], check=True).stdout
+
+
+def test_the_packaged_unit_under_systemd(tmp_path: Path) -> None:
+    deb = build("deb", str(tmp_path), "0.1.0")
+    with Sandbox() as sbx, overlay_root(systemd_root(), chroot_mounts=False) as root:
+        shutil.copy(deb, root / "root")  # the container mounts its own /tmp
+        with booted(root, sbx.host_ns, tmp_path / "boot.log") as ct:
+            # Install: enabled, started in audit mode, ready (Type=notify), rules in, as its own user.
+            ct.run("dpkg", "-i", f"/root/{os.path.basename(deb)}")
+            assert ct.run("systemctl", "is-enabled", UNIT).stdout.strip() == "enabled"
+            assert wait_for(lambda: active(ct), 30), ct.journal(UNIT)
+            assert our_rules(sbx)
+            uid = ct.run("id", "-u", "imds-agent").stdout.strip()
+            status = main_status(ct)
+            assert status["Uid"].split() == [uid] * 4 and status["NoNewPrivs"] == "1"
+            assert status["Seccomp"] == "2"  # the unit's system call filter is in force
+            # The unit grants CAP_NET_RAW for iptables hosts; on this nftables host the agent gave it up, which
+            # needs capset to pass the unit's filter.
+            for key in ("CapEff", "CapPrm", "CapAmb"):
+                assert held(status[key]) == {"net_admin", "sys_ptrace", "dac_read_search"}, key
+
+            # A v1 client as another uid gets the credentials; the service saw no tokenless request.
+            out = curl_as_nobody(ct)
+            assert out.endswith("\n200") and "imds-agent-demo-role" in out, ct.journal(UNIT)
+            assert sbx.emulator_control.counters()["tokenless"] == 0
+            record = json.loads((root / "var/log/imds-agent/audit.jsonl").read_text().splitlines()[-1])
+            assert record["exe"] == "/usr/bin/curl" and record["user"] == "nobody" and record["mode"] == "audit"
+
+            # set-mode edits agent.yaml and reloads through systemd (ExecReload): curl is now denied credentials.
+            pid = ct.show(UNIT, "MainPID")["MainPID"]
+            assert "reloaded imds-agent.service" in ct.run("imds-agent", "set-mode", "enforce").stdout
+            assert wait_for(lambda: curl_as_nobody(ct).endswith("\n403"), 10), ct.journal(UNIT)
+            assert ct.show(UNIT, "MainPID")["MainPID"] == pid  # reloaded, not restarted
+
+            # A hung agent (SIGSTOP) stops pinging the watchdog: systemd kills and restarts it.
+            dropin = root / "etc/systemd/system/imds-agent.service.d"
+            dropin.mkdir(parents=True)
+            (dropin / "watchdog.conf").write_text("[Service]\nWatchdogSec=3\n")
+            ct.run("systemctl", "daemon-reload")
+            ct.run("systemctl", "restart", UNIT)
+            assert active(ct) and ct.show(UNIT, "NRestarts")["NRestarts"] == "0"
+            pid = ct.show(UNIT, "MainPID")["MainPID"]
+            ct.run("kill", "-STOP", pid)
+            assert wait_for(lambda: ct.show(UNIT, "NRestarts")["NRestarts"] == "1" and active(ct), 20)
+            assert "Watchdog timeout" in ct.journal(UNIT) or "watchdog" in ct.journal(UNIT).lower()
+            assert ct.show(UNIT, "MainPID")["MainPID"] != pid
+
+            # SIGKILL: restarted (Restart=on-failure), rules back, clients served.
+            ct.run("systemctl", "kill", "--signal=KILL", UNIT)
+            assert wait_for(lambda: ct.show(UNIT, "NRestarts")["NRestarts"] == "2" and active(ct), 20)
+            assert our_rules(sbx) and curl_as_nobody(ct).endswith("\n403")
+
+            # A broken config: the agent refuses it with 78 (after ExecStartPre has reported it) and systemd does
+            # not loop on it; the rules went with the old agent (fail_mode open), so nothing is redirected.
+            config = root / "etc/imds-agent/agent.yaml"
+            good = config.read_text()
+            config.write_text(good + "listen: {port: eighty}\n")
+            assert ct.run("systemctl", "restart", UNIT, check=False).returncode != 0
+            assert wait_for(lambda: ct.show(UNIT, "ActiveState")["ActiveState"] == "failed", 10)
+            state = ct.show(UNIT, "NRestarts", "ExecMainStatus", "Result")
+            assert state == {"Result": "exit-code", "ExecMainStatus": "78", "NRestarts": "0"}, state  # none automatic
+            time.sleep(3)  # longer than RestartSec
+            assert ct.show(UNIT, "ActiveState", "NRestarts") == {"ActiveState": "failed", "NRestarts": "0"}
+            assert "listen.port" in ct.journal(UNIT)
+            assert not our_rules(sbx)
+            config.write_text(good)
+            ct.run("systemctl", "start", UNIT)
+            assert active(ct) and our_rules(sbx)
+
+            # Stop removes the rules; removing the package leaves nothing running and no rules.
+            ct.run("systemctl", "stop", UNIT)
+            assert ct.show(UNIT, "Result")["Result"] == "success" and not our_rules(sbx)
+            ct.run("systemctl", "start", UNIT)
+            ct.run("dpkg", "-r", "imds-agent")
+            assert not active(ct) and not our_rules(sbx)
