@@ -105,6 +105,15 @@ class Agent:
                 if os.path.exists(path):
                     os.chown(path, self.account.uid, self.account.gid)
 
+    def problem(self, stall_limit: float) -> tuple[Optional[str], bool]:
+        """What keeps the agent from doing its job, if anything, and whether that is fatal (a thread it needs
+        has ended) rather than possibly passing (the accept loop has not turned for ``stall_limit`` seconds)."""
+        if not self.server.alive():
+            return "the accept thread has ended", True
+        if self.interception is not None and (reason := self.interception.problem()) is not None:
+            return reason, True
+        return self.server.stalled(stall_limit), False
+
     def save_inventory(self) -> None:
         """Persist the inventory if it changed (called periodically by run())."""
         self.inventory.save()
@@ -197,6 +206,7 @@ def run(config: Config, ready: Optional[Callable[[Agent], None]] = None, mode_ov
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
     agent = Agent(config, mode_override)
+    rc = 0
     try:
         agent.start()
         log.info("imds-agent running in %s mode", agent.mode)
@@ -207,9 +217,24 @@ def run(config: Config, ready: Optional[Callable[[Agent], None]] = None, mode_ov
         interval = sdnotify.watchdog_interval()
         tick = min(interval, 1.0) if interval else 1.0
         last_save = time.monotonic()
+        stall_limit = max(2 * interval, 5.0) if interval else 5.0
+        withheld = False
         while not stop.wait(tick):
-            if interval:
-                sdnotify.notify("WATCHDOG=1")
+            problem, fatal = agent.problem(stall_limit)
+            if fatal:
+                # Without that thread the agent cannot serve or hold its rules: exit so that the rules are
+                # handled by fail_mode and the service manager restarts a fresh agent.
+                log.error("stopping: %s", problem)
+                rc = 1
+                break
+            if problem is None:
+                withheld = False
+                if interval:
+                    sdnotify.notify("WATCHDOG=1")
+            elif not withheld:
+                # A hung accept loop: withholding the keep-alive lets systemd's watchdog restart the agent.
+                log.error("not serving: %s%s", problem, "; withholding the watchdog keep-alive" if interval else "")
+                withheld = True
             if hup.is_set():
                 hup.clear()
                 sdnotify.notify("RELOADING=1")
@@ -222,7 +247,7 @@ def run(config: Config, ready: Optional[Callable[[Agent], None]] = None, mode_ov
     finally:
         agent.stop()
         _remove_pidfile()
-    return 0
+    return rc
 
 
 def _write_pidfile() -> None:

@@ -68,6 +68,15 @@ class Reconciler:
         if self._thread is not None:
             self._thread.join(self.interval + 5)
 
+    def alive(self) -> bool:
+        """False once a started reconciler thread has ended without being stopped."""
+        return self._thread is None or self._thread.is_alive() or self._stop.is_set()
+
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
-            self.check_once()
+            try:
+                self.check_once()
+            except Exception:
+                # A bug or an unexpected library error must not end the repairs for the rest of the agent's life.
+                self.failures += 1
+                log.exception("unexpected error while checking the redirect rules")

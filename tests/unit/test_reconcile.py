@@ -78,3 +78,27 @@ def test_interval_zero_disables_the_thread() -> None:
     rec.start()
     assert rec._thread is None
     rec.stop()
+
+
+def test_an_unexpected_error_does_not_end_the_background_checks(caplog) -> None:
+    class Flaky(FakeBackend):
+        calls = 0
+
+        def check(self, spec: Optional[RedirectSpec] = None) -> CheckResult:
+            self.calls += 1
+            if self.calls == 1:
+                raise KeyError("a library bug")
+            return super().check(spec)
+
+    backend = Flaky([State.ABSENT, State.PRESENT])
+    rec = Reconciler(backend, SPEC, owned=False, interval=0.02)  # type: ignore[arg-type]
+    rec.start()
+    try:
+        deadline = time.monotonic() + 5
+        while backend.applied == [] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert rec.alive() and rec.failures == 1 and backend.applied == [(SPEC, False)]
+        assert "unexpected error while checking" in caplog.text
+    finally:
+        rec.stop()
+    assert rec.alive()  # stopped on purpose is not a problem

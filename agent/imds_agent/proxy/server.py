@@ -12,6 +12,7 @@ import queue
 import selectors
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -21,6 +22,7 @@ from .handler import Exchange, Forwarder
 from .httpio import HttpError, RequestReader, error_response
 
 log = logging.getLogger(__name__)
+HEARTBEAT = 1.0  # the accept loop turns at least this often, so that a watchdog can tell it is alive
 
 
 @dataclass
@@ -61,6 +63,7 @@ class ProxyServer:
         self._queue: queue.SimpleQueue[Optional[Connection]] = queue.SimpleQueue()
         self._pool_lock = threading.Lock()
         self._idle = 0
+        self._heartbeat = 0.0  # monotonic time of the accept loop's last turn
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -93,9 +96,21 @@ class ProxyServer:
         """Bind if needed and start accepting in a background thread."""
         if not self._listeners:
             self.bind()
+        self._heartbeat = time.monotonic()
         self._thread = threading.Thread(target=self._accept_loop, name="imds-accept", daemon=True)
         self._thread.start()
         log.info("listening on %s", ", ".join(_fmt(a) for a in self.addresses))
+
+    def alive(self) -> bool:
+        """False once a started accept thread has ended without being asked to."""
+        return self._thread is None or self._thread.is_alive() or self._stop.is_set()
+
+    def stalled(self, limit: float) -> Optional[str]:
+        """Why a running accept loop looks hung (no turn for ``limit`` seconds), or None."""
+        if self._thread is None or self._stop.is_set() or not self._thread.is_alive():
+            return None
+        quiet = time.monotonic() - self._heartbeat
+        return f"the accept loop has not turned for {quiet:.0f}s" if quiet > limit else None
 
     def close(self) -> None:
         """Stop accepting, close listeners and every open client connection, wait for the accept thread."""
@@ -127,10 +142,14 @@ class ProxyServer:
         sel.register(self._wake_r, selectors.EVENT_READ)
         try:
             while not self._stop.is_set():
-                for key, _ in sel.select():
+                self._heartbeat = time.monotonic()
+                for key, _ in sel.select(HEARTBEAT):
                     if key.fileobj is self._wake_r:
                         return
                     self._accept(key.fileobj)  # type: ignore[arg-type]
+        except Exception:
+            # The thread ends here; the agent's main loop sees it (alive() turns false) and stops the agent.
+            log.exception("the accept loop failed")
         finally:
             sel.close()
 

@@ -73,6 +73,12 @@ class Interception:
         self._reconciler = Reconciler(self.backend, self.spec, self.owned, self.config.reconcile_interval)
         self._reconciler.start()
 
+    def problem(self) -> Optional[str]:
+        """Why the rules are no longer being held (the reconciler thread ended), or None."""
+        if self._reconciler is not None and not self._reconciler.alive():
+            return "the reconciler thread has ended"
+        return None
+
     @property
     def repairs(self) -> int:
         """How many times the reconciler had to re-apply the rules."""

@@ -1,0 +1,64 @@
+"""The foreground loop around the agent: readiness, its health checks, and exiting when a needed thread ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from imds_agent import daemon
+from imds_agent.config import AuditConfig, Config, ListenConfig, PolicyConfig, RedirectConfig, UpstreamConfig
+from imds_agent.daemon import Agent
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return Config(
+        user=str(os.getuid()),
+        listen=ListenConfig(port=0, addresses=("127.0.0.1",)),
+        upstream=UpstreamConfig(ipv4="127.0.0.1", port=9, connect_timeout=0.2, read_timeout=0.2),
+        redirect=RedirectConfig(enabled=False),
+        audit=AuditConfig(log=str(tmp_path / "audit.jsonl"), state_dir=str(tmp_path / "state")),
+        policy=PolicyConfig(dir=str(tmp_path / "policy.d")),
+    )
+
+
+@pytest.fixture
+def handlers() -> Iterator[None]:
+    """run() installs its own signal handlers; put pytest's back afterwards."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def test_a_healthy_agent_reports_no_problem_and_a_hung_accept_loop_is_seen(config: Config) -> None:
+    agent = Agent(config)
+    agent.start()
+    try:
+        assert agent.problem(stall_limit=5) == (None, False)
+        reason, fatal = agent.problem(stall_limit=-1)  # any quiet time is too long
+        assert reason is not None and "accept loop has not turned" in reason and not fatal
+    finally:
+        agent.stop()
+
+
+def test_the_agent_exits_1_when_its_accept_thread_ends(
+    config: Config, handlers: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    def break_the_accept_thread(agent: Agent) -> None:
+        def broken(listener: socket.socket) -> None:
+            raise RuntimeError("a bug in accept")
+
+        agent.server._accept = broken  # type: ignore[method-assign]
+        socket.create_connection(agent.server.addresses[0], timeout=2).close()
+
+    started = time.monotonic()
+    assert daemon.run(config, ready=break_the_accept_thread) == 1
+    assert "the accept loop failed" in caplog.text and "stopping: the accept thread has ended" in caplog.text
+    assert time.monotonic() - started < 5
