@@ -11,6 +11,10 @@ install -d -m 0755 "$root/usr/bin" "$root/usr/share/imds-agent/vendor" "$root/et
 (cd "$here/agent" && find imds_agent -name '*.py' -o -name py.typed) | while read -r f; do
     install -D -m 0644 "$here/agent/$f" "$root/usr/share/imds-agent/$f"
 done
+if [ -n "${IMDS_AGENT_VERSION:-}" ]; then
+    # A package built as another version (a release build, an upgrade test) must also say so when asked.
+    sed -i "s/^__version__ = .*/__version__ = \"$IMDS_AGENT_VERSION\"/" "$root/usr/share/imds-agent/imds_agent/__init__.py"
+fi
 (cd "$pyroute2" && find pyroute2 -name '*.py') | while read -r f; do
     install -D -m 0644 "$pyroute2/$f" "$root/usr/share/imds-agent/vendor/$f"
     sed -i '1{/^#!/d}' "$root/usr/share/imds-agent/vendor/$f"  # library modules, not scripts

@@ -46,7 +46,8 @@ def build(kind: str, out: str, version: str = "") -> str:
 def debian_root(name: str = "debian12-root", include: str = INCLUDE) -> Path:
     """A minimal Debian 12 root with ``include`` installed, built once and kept in CACHE under ``name``."""
     root = CACHE / name
-    if (root / ".complete").exists():
+    marker = root / ".complete"
+    if marker.exists() and marker.read_text() == include:
         return root
     CACHE.mkdir(parents=True, exist_ok=True)
     tmp = CACHE / f"{name}.tmp"
@@ -54,13 +55,13 @@ def debian_root(name: str = "debian12-root", include: str = INCLUDE) -> Path:
     run(["debootstrap", "--variant=minbase", f"--include={include}", "bookworm", str(tmp), MIRROR], timeout=1200)
     run(["rm", "-rf", str(root)])
     tmp.rename(root)
-    (root / ".complete").touch()
+    marker.write_text(include)
     return root
 
 
 def systemd_root() -> Path:
-    """The same root plus systemd as init and curl for clients, to boot as a container."""
-    return debian_root("debian12-systemd", INCLUDE + ",systemd,systemd-sysv,dbus,nftables,curl,iproute2")
+    """The same root plus systemd as init, curl for clients and rpm (to install the .rpm), to boot as a container."""
+    return debian_root("debian12-systemd", INCLUDE + ",systemd,systemd-sysv,dbus,nftables,curl,iproute2,rpm")
 
 
 @contextmanager

@@ -78,6 +78,7 @@ def test_deb_install_run_upgrade_remove_purge(tmp_path: Path) -> None:
             inventory = (root / "var/lib/imds-agent/inventory.json").read_text()
             chroot(root, "dpkg", "-i", "--force-confold", f"/tmp/{os.path.basename(deb2)}")
             assert chroot(root, "dpkg-query", "-W", "-f", "${Version}", "imds-agent") == "0.1.1"
+            assert chroot(root, "imds-agent", "version").strip() == "imds-agent 0.1.1"
             assert config.read_text() == edited
             assert (root / "var/lib/imds-agent/inventory.json").read_text() == inventory
 

@@ -128,3 +128,40 @@ def test_the_packaged_unit_under_systemd(tmp_path: Path) -> None:
             ct.run("systemctl", "start", UNIT)
             ct.run("dpkg", "-r", "imds-agent")
             assert not active(ct) and not our_rules(sbx)
+
+
+def test_the_rpm_installs_starts_upgrades_and_erases_under_systemd(tmp_path: Path) -> None:
+    """The .rpm's scriptlets for real: rpm itself on the same booted Debian root. Debian's python3-psutil, -yaml
+    and -urllib3 stand in for the RPM distributions' packages, which rpm cannot know about (hence --nodeps)."""
+    rpm1 = build("rpm", str(tmp_path), "0.1.0")
+    rpm2 = build("rpm", str(tmp_path), "0.1.1")
+    with Sandbox() as sbx, overlay_root(systemd_root(), chroot_mounts=False) as root:
+        for rpm in (rpm1, rpm2):
+            shutil.copy(rpm, root / "root")
+        with booted(root, sbx.host_ns, tmp_path / "boot.log") as ct:
+            ct.run("rpm", "-i", "--nodeps", f"/root/{os.path.basename(rpm1)}")
+            assert ct.run("systemctl", "is-enabled", UNIT).stdout.strip() == "enabled"
+            assert wait_for(lambda: active(ct), 30), ct.journal(UNIT)
+            assert ct.run("imds-agent", "version").stdout.strip() == "imds-agent 0.1.0"
+            assert our_rules(sbx) and curl_as_nobody(ct).endswith("\n200")
+            assert sbx.emulator_control.counters()["tokenless"] == 0
+            assert ct.run("id", "-gn", "imds-agent").stdout.strip() == "imds-agent"
+
+            # Upgrade: restarted on the new version, an edited agent.yaml and the inventory kept.
+            config = root / "etc/imds-agent/agent.yaml"
+            edited = config.read_text().replace("reconcile_interval: 5", "reconcile_interval: 7")
+            assert edited != config.read_text()
+            config.write_text(edited)
+            pid = ct.show(UNIT, "MainPID")["MainPID"]
+            ct.run("rpm", "-U", "--nodeps", f"/root/{os.path.basename(rpm2)}")
+            assert ct.run("imds-agent", "version").stdout.strip() == "imds-agent 0.1.1"
+            assert wait_for(lambda: active(ct) and ct.show(UNIT, "MainPID")["MainPID"] not in ("0", pid), 20)
+            assert config.read_text() == edited and not (root / "etc/imds-agent/agent.yaml.rpmnew").exists()
+            assert curl_as_nobody(ct).endswith("\n200")
+            assert "/usr/bin/curl" in (root / "var/lib/imds-agent/inventory.json").read_text()
+
+            # Erase: stopped, disabled, no rules, no program files; no byte-code left behind in /usr/share.
+            ct.run("rpm", "-e", "imds-agent")
+            assert not active(ct) and not our_rules(sbx)
+            for path in ("usr/bin/imds-agent", "usr/share/imds-agent", "usr/lib/systemd/system/imds-agent.service"):
+                assert not (root / path).exists(), path
