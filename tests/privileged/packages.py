@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -88,3 +90,12 @@ def overlay_root(lower: Path | None = None, chroot_mounts: bool = True) -> Itera
         for path in reversed(mounted):
             run(["umount", "-l", str(path)], check=False)
         run(["rm", "-rf", str(work)], check=False)
+
+
+def ssm_script(name: str, **params: str) -> str:
+    """The shell step of packaging/ssm/ImdsAgent-NAME.json with its parameters filled in (defaults unless given),
+    as SSM Run Command would run it."""
+    doc = json.loads((REPO / "packaging" / "ssm" / f"ImdsAgent-{name}.json").read_text())
+    values = {k: v.get("default", "") for k, v in doc["parameters"].items()} | params
+    text = "\n".join(doc["mainSteps"][0]["inputs"]["runCommand"]) + "\n"
+    return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: values[m.group(1)], text)

@@ -3,28 +3,19 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from .packages import REPO, build, overlay_root, run
+from .packages import build, overlay_root, run, ssm_script
 
 pytestmark = pytest.mark.privileged
-SSM = REPO / "packaging" / "ssm"
-
-
-def script(name: str, **params: str) -> str:
-    doc = json.loads((SSM / f"ImdsAgent-{name}.json").read_text())
-    values = {k: v.get("default", "") for k, v in doc["parameters"].items()} | params
-    text = "\n".join(doc["mainSteps"][0]["inputs"]["runCommand"]) + "\n"
-    return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: values[m.group(1)], text)
 
 
 def step(root: Path, name: str, **params: str) -> tuple[int, str, str]:
-    (root / "tmp" / f"{name}.sh").write_text(script(name, **params))
+    (root / "tmp" / f"{name}.sh").write_text(ssm_script(name, **params))
     proc = run(["chroot", str(root), "/bin/sh", f"/tmp/{name}.sh"], check=False, timeout=300)
     return proc.returncode, proc.stdout, proc.stderr
 

@@ -19,7 +19,7 @@ import pytest
 from imds_agent.sandbox.netns import Sandbox, wait_for
 
 from .nspawn import Container, booted
-from .packages import build, overlay_root, systemd_root
+from .packages import build, overlay_root, ssm_script, systemd_root
 
 pytestmark = pytest.mark.privileged
 UNIT = "imds-agent.service"
@@ -164,4 +164,44 @@ def test_the_rpm_installs_starts_upgrades_and_erases_under_systemd(tmp_path: Pat
             ct.run("rpm", "-e", "imds-agent")
             assert not active(ct) and not our_rules(sbx)
             for path in ("usr/bin/imds-agent", "usr/share/imds-agent", "usr/lib/systemd/system/imds-agent.service"):
+                assert not (root / path).exists(), path
+
+
+def test_the_ssm_documents_under_systemd(tmp_path: Path) -> None:
+    """Install, Report, SetMode and Uninstall as SSM Run Command would run them on a booted instance."""
+    deb = build("deb", str(tmp_path))
+    with Sandbox() as sbx, overlay_root(systemd_root(), chroot_mounts=False) as root:
+        shutil.copy(deb, root / "root" / "pkg.deb")
+
+        with booted(root, sbx.host_ns, tmp_path / "boot.log") as ct:
+
+            def step(name: str, **params: str) -> tuple[int, str, str]:
+                (root / "root" / f"{name}.sh").write_text(ssm_script(name, **params))
+                proc = ct.run("/bin/sh", f"/root/{name}.sh", check=False, timeout=300)
+                return proc.returncode, proc.stdout, proc.stderr
+
+            code, out, err = step("Install", PackageSource="file:///root/pkg.deb")
+            assert code == 0 and "\nactive\n" in out and "mode: audit" in out, (out, err)
+
+            # curl is not granted the credentials: audit lets it through and records a would-deny, which the
+            # agent persists within its save interval (10 s).
+            assert curl_as_nobody(ct).endswith("\n200")
+            inventory = root / "var/lib/imds-agent/inventory.json"
+            assert wait_for(lambda: inventory.exists() and "would-deny" in inventory.read_text(), 15)
+            code, out, _ = step("Report", Hours="1")
+            rows = {r["exe"]: r for r in json.loads(out)}
+            assert code == 0 and rows["/usr/bin/curl"]["would_deny"] >= 1
+
+            code, _, err = step("SetMode", Mode="enforce")
+            assert code == 1 and "/usr/bin/curl (uid 65534)" in err
+            assert curl_as_nobody(ct).endswith("\n200")  # still auditing
+            code, out, err = step("SetMode", Mode="enforce", Force="true")
+            assert code == 0 and "reloaded imds-agent.service" in out, err
+            assert wait_for(lambda: curl_as_nobody(ct).endswith("\n403"), 10)
+
+            code, out, err = step("Uninstall", Purge="true")
+            assert code == 0 and "imds-agent removed" in out, err
+            assert not active(ct) and not our_rules(sbx)
+            assert curl_as_nobody(ct).endswith("\n401")  # straight to the service, which requires tokens
+            for path in ("etc/imds-agent", "var/lib/imds-agent", "usr/bin/imds-agent"):
                 assert not (root / path).exists(), path
