@@ -301,8 +301,9 @@ def raw(agent: Agent, data: bytes, pause: float = 0.0, tail: bytes = b"") -> byt
         (b"GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello", b"400"),
         (b"GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"400"),
         (b"GET /latest/meta-data/ HTTP/9.9\r\nHost: x\r\n\r\n", b"505"),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(40), b"400"),  # at once, not after the timeout
     ],
-    ids=["request-line", "header-size", "header-count", "body", "chunked-body", "version"],
+    ids=["request-line", "header-size", "header-count", "body", "chunked-body", "version", "tls-hello"],
 )
 def test_malformed_input_is_refused_and_the_agent_carries_on(
     emulator: Emulator, agent: Agent, data: bytes, status: bytes

@@ -19,6 +19,9 @@ MAX_HEADER_LINES = 100
 MAX_REQUEST_LINE = 8 * 1024
 
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# What the start of a request can look like before its line is complete: optional empty lines, then a method
+# token of at most 16 characters and, once it has arrived, the space after it.
+_START = re.compile(rb"^(?:\r?\n)*[!#$%&'*+\-.^_`|~0-9A-Za-z]{0,16}(?: |$)")
 _VERSION = re.compile(rb"^HTTP/(\d)\.(\d)$")
 
 REASONS = {
@@ -106,6 +109,9 @@ class RequestReader:
                 head = bytes(self._buf[:end])
                 del self._buf[: end + sep]
                 return parse_head(head)
+            if not _START.match(self._buf[:64]):
+                # TLS, HTTP/2 frames or noise: answer now rather than when the head timeout runs out.
+                raise HttpError(400, "not an HTTP/1.x request")
             if len(self._buf) > MAX_HEAD_BYTES:
                 if self._buf.find(b"\n") < 0 and len(self._buf) > MAX_REQUEST_LINE:
                     raise HttpError(414, "request line too long")
