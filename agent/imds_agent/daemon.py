@@ -21,6 +21,7 @@ from . import config as configmod
 from . import privileges, sdnotify
 from .audit.inventory import Inventory, path_class
 from .audit.log import AuditLog, AuditRecord
+from .audit.stats import Tally, status_line
 from .config import Config
 from .errors import AgentError, PrivilegeError
 from .identity.caller import Caller
@@ -54,6 +55,7 @@ class Agent:
         self.interception: Optional[Interception] = None
         self.audit: Optional[AuditLog] = None
         self.inventory = Inventory(config.audit.state_dir)
+        self.tally = Tally()
         self._cleanup: list[tuple[str, Callable[[], None]]] = []
 
     @property
@@ -113,6 +115,11 @@ class Agent:
         if self.interception is not None and (reason := self.interception.problem()) is not None:
             return reason, True
         return self.server.stalled(stall_limit), False
+
+    def status(self) -> str:
+        """The one-line status for systemd: mode and running totals."""
+        repairs = self.interception.repairs if self.interception is not None else 0
+        return status_line(self.mode, self.tally.totals(), repairs)
 
     def save_inventory(self) -> None:
         """Persist the inventory if it changed (called periodically by run())."""
@@ -187,6 +194,7 @@ class Agent:
         if self.audit is not None:
             self.audit.write(record)
         self.inventory.add(caller.exe, caller.uid, caller.user, path_class(ex.path), ex.kind, ex.decision, record.time)
+        self.tally.add(ex.kind, ex.decision, ex.status, caller.known)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s %s %s -> %d %s", caller.describe(), ex.method, path, ex.kind, ex.status, ex.decision)
 
@@ -210,44 +218,55 @@ def run(config: Config, ready: Optional[Callable[[Agent], None]] = None, mode_ov
     try:
         agent.start()
         log.info("imds-agent running in %s mode", agent.mode)
-        sdnotify.notify("READY=1", f"STATUS=serving in {agent.mode} mode")
+        sdnotify.notify("READY=1", f"STATUS={agent.status()}")
         _write_pidfile()
         if ready is not None:
             ready(agent)
-        interval = sdnotify.watchdog_interval()
-        tick = min(interval, 1.0) if interval else 1.0
-        last_save = time.monotonic()
-        stall_limit = max(2 * interval, 5.0) if interval else 5.0
-        withheld = False
-        while not stop.wait(tick):
-            problem, fatal = agent.problem(stall_limit)
-            if fatal:
-                # Without that thread the agent cannot serve or hold its rules: exit so that the rules are
-                # handled by fail_mode and the service manager restarts a fresh agent.
-                log.error("stopping: %s", problem)
-                rc = 1
-                break
-            if problem is None:
-                withheld = False
-                if interval:
-                    sdnotify.notify("WATCHDOG=1")
-            elif not withheld:
-                # A hung accept loop: withholding the keep-alive lets systemd's watchdog restart the agent.
-                log.error("not serving: %s%s", problem, "; withholding the watchdog keep-alive" if interval else "")
-                withheld = True
-            if hup.is_set():
-                hup.clear()
-                sdnotify.notify("RELOADING=1")
-                agent.reload()
-                sdnotify.notify("READY=1", f"STATUS=serving in {agent.mode} mode")
-            if time.monotonic() - last_save >= INVENTORY_SAVE_INTERVAL:
-                agent.save_inventory()
-                last_save = time.monotonic()
+        rc = _watch(agent, stop, hup)
         sdnotify.notify("STOPPING=1")
     finally:
         agent.stop()
         _remove_pidfile()
     return rc
+
+
+def _watch(agent: Agent, stop: threading.Event, hup: threading.Event) -> int:
+    """Look after the running agent about once a second until ``stop``: its health and the watchdog, reloads,
+    the inventory and the status line. Returns the exit code."""
+    interval = sdnotify.watchdog_interval()
+    tick = min(interval, 1.0) if interval else 1.0
+    stall_limit = max(2 * interval, 5.0) if interval else 5.0
+    withheld = False
+    last_save = time.monotonic()
+    shown = ""
+    while not stop.wait(tick):
+        problem, fatal = agent.problem(stall_limit)
+        if fatal:
+            # Without that thread the agent cannot serve or hold its rules: exit so that the rules are handled
+            # by fail_mode and the service manager restarts a fresh agent.
+            log.error("stopping: %s", problem)
+            return 1
+        if problem is None:
+            withheld = False
+            if interval:
+                sdnotify.notify("WATCHDOG=1")
+        elif not withheld:
+            # A hung accept loop: withholding the keep-alive lets systemd's watchdog restart the agent.
+            log.error("not serving: %s%s", problem, "; withholding the watchdog keep-alive" if interval else "")
+            withheld = True
+        if hup.is_set():
+            hup.clear()
+            sdnotify.notify("RELOADING=1")
+            agent.reload()
+            sdnotify.notify("READY=1")
+        if time.monotonic() - last_save >= INVENTORY_SAVE_INTERVAL:
+            agent.save_inventory()
+            last_save = time.monotonic()
+        status = agent.status()
+        if status != shown:
+            sdnotify.notify(f"STATUS={status}")
+            shown = status
+    return 0
 
 
 def _write_pidfile() -> None:
