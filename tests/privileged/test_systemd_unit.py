@@ -81,8 +81,8 @@ def test_the_packaged_unit_under_systemd(tmp_path: Path) -> None:
             record = json.loads((root / "var/log/imds-agent/audit.jsonl").read_text().splitlines()[-1])
             assert record["exe"] == "/usr/bin/curl" and record["user"] == "nobody" and record["mode"] == "audit"
             # `systemctl status` tells an operator what the agent has been doing.
-            status = "audit mode: 1 requests (1 IMDSv1), 1 would-deny, 0 upstream errors, 0 unidentified"
-            assert wait_for(lambda: status in ct.show(UNIT, "StatusText")["StatusText"], 5)
+            line = "audit mode: 1 requests (1 IMDSv1), 1 would-deny, 0 upstream errors, 0 unidentified"
+            assert wait_for(lambda: line in ct.show(UNIT, "StatusText")["StatusText"], 5)
 
             # set-mode edits agent.yaml and reloads through systemd (ExecReload): curl is now denied credentials.
             pid = ct.show(UNIT, "MainPID")["MainPID"]
