@@ -33,7 +33,7 @@ def free_port() -> int:
 
 
 @contextmanager
-def processes(tmp: str) -> Iterator[tuple[int, int]]:
+def processes(tmp: str) -> Iterator[tuple[int, int, int]]:
     emu_port, agent_port = free_port(), free_port()
     emu = subprocess.Popen(
         [sys.executable, "-m", "imds_agent.sandbox.emulator", "--listen", f"127.0.0.1:{emu_port}", "--tokens",
@@ -63,7 +63,7 @@ def processes(tmp: str) -> Iterator[tuple[int, int]]:
                 if time.monotonic() > deadline or agent.poll() is not None:
                     raise SystemExit("the agent did not start") from None
                 time.sleep(0.05)
-        yield emu_port, agent_port
+        yield emu_port, agent_port, agent.pid
     finally:
         for proc in (agent, emu):
             proc.terminate()
@@ -108,6 +108,14 @@ def concurrent(port: int, headers: dict[str, str], n: int, keepalive: bool, work
     return [x for r in results for x in r]
 
 
+def memory(pid: int) -> str:
+    """The agent's resident set now and its peak, from /proc."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+        fields = dict(line.split(":", 1) for line in fh)
+    rss, peak = (int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM"))
+    return f"RSS {rss:.1f} MiB (peak {peak:.1f} MiB), {fields['Threads'].strip()} threads"
+
+
 def pct(values: list[float], p: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(len(values) * p))] * 1000
@@ -117,8 +125,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=4000)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp, processes(tmp) as (emu_port, agent_port):
+    with tempfile.TemporaryDirectory() as tmp, processes(tmp) as (emu_port, agent_port, agent_pid):
         direct_headers = {"X-aws-ec2-metadata-token": token(emu_port)}
+        started = memory(agent_pid)
         head = f"{'mode':<28}{'conc':>5}{'direct p50':>12}{'p99':>8}"
         print(f"{head}{'agent p50':>11}{'p99':>8}{'added p50':>11}{'p99':>8}")
         for keepalive in (True, False):
@@ -135,6 +144,7 @@ def main() -> None:
                     f"{a50 - d50:>9.3f}ms{a99 - d99:>6.2f}ms"
                 )
         print(f"({args.requests} requests per row; added = agent - direct at the same percentile)")
+        print(f"agent memory: at start {started}; after the runs {memory(agent_pid)}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from .httpio import HttpError, RequestReader, error_response
 
 log = logging.getLogger(__name__)
 HEARTBEAT = 1.0  # the accept loop turns at least this often, so that a watchdog can tell it is alive
+IDLE_WORKER_SECONDS = 60.0  # a worker with no connection for this long ends, so a burst does not leave threads
 
 
 @dataclass
@@ -186,7 +187,20 @@ class ProxyServer:
             self._serve(conn)
             with self._pool_lock:
                 self._idle += 1
-            conn = self._queue.get()
+            conn = self._next_connection()
+
+    def _next_connection(self) -> Optional[Connection]:
+        """Wait for a connection; None tells the worker to end (the server closes, or it idled too long)."""
+        while True:
+            try:
+                return self._queue.get(timeout=IDLE_WORKER_SECONDS)
+            except queue.Empty:
+                with self._pool_lock:
+                    # _idle counts waiting workers not yet promised a connection. Above zero, one of them can
+                    # go; at zero a connection is on its way to a waiting worker, which may be this one.
+                    if self._idle > 0:
+                        self._idle -= 1
+                        return None
 
     def _serve(self, conn: Connection) -> None:
         sock = conn.sock

@@ -1,0 +1,99 @@
+"""The listener's connection handling on loopback: the connection cap, worker reuse and retirement."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, Optional
+
+import pytest
+
+from imds_agent.config import ListenConfig
+from imds_agent.proxy import server as servermod
+from imds_agent.proxy.handler import Exchange, Reply
+from imds_agent.proxy.httpio import Request, render_response
+from imds_agent.proxy.server import ProxyServer
+
+
+class Echo:
+    """A forwarder stand-in that answers every request with its path."""
+
+    def handle(self, req: Request, context: Optional[dict[str, Any]] = None) -> Reply:
+        data = render_response(200, "OK", [("Content-Type", "text/plain")], req.target.encode())
+        return Reply(data, False, Exchange(req.method, req.target, "v1", status=200))
+
+
+def make_server(**listen: Any) -> ProxyServer:
+    config = ListenConfig(port=0, addresses=("127.0.0.1",), idle_timeout=5.0, request_timeout=1.0, **listen)
+    srv = ProxyServer(config, Echo())  # type: ignore[arg-type]
+    srv.start()
+    return srv
+
+
+@pytest.fixture
+def server() -> Iterator[ProxyServer]:
+    srv = make_server()
+    yield srv
+    srv.close()
+
+
+def ask(sock: socket.socket, path: str) -> bytes:
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    return sock.recv(4096)
+
+
+def workers() -> set[threading.Thread]:
+    """Connection worker threads alive now (compare sets: other tests' workers may end meanwhile)."""
+    return {t for t in threading.enumerate() if t.name == "imds-conn"}
+
+
+def test_past_the_cap_a_client_gets_503_at_once_and_a_freed_slot_is_reused() -> None:
+    srv = make_server(max_connections=2)
+    try:
+        held = [socket.create_connection(srv.addresses[0], timeout=3) for _ in range(2)]
+        for i, sock in enumerate(held):
+            assert ask(sock, f"/held{i}").endswith(f"/held{i}".encode())
+        with socket.create_connection(srv.addresses[0], timeout=3) as extra:
+            started = time.monotonic()
+            assert extra.recv(4096).startswith(b"HTTP/1.1 503")
+            assert time.monotonic() - started < 1
+        held.pop().close()
+        time.sleep(0.2)  # the worker notices the close and frees the slot
+        with socket.create_connection(srv.addresses[0], timeout=3) as again:
+            assert ask(again, "/again").endswith(b"/again")
+        for sock in held:
+            sock.close()
+    finally:
+        srv.close()
+
+
+def test_sequential_connections_reuse_one_worker(server: ProxyServer) -> None:
+    before = workers()
+    for i in range(20):
+        with socket.create_connection(server.addresses[0], timeout=3) as sock:
+            assert ask(sock, f"/{i}").endswith(f"/{i}".encode())
+        time.sleep(0.01)  # closed before the next: its worker is idle again
+    assert len(workers() - before) == 1
+
+
+def test_idle_workers_end_after_a_burst_and_service_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(servermod, "IDLE_WORKER_SECONDS", 0.3)
+    srv = make_server()
+    try:
+        before = workers()
+        burst = [socket.create_connection(srv.addresses[0], timeout=3) for _ in range(8)]
+        for i, sock in enumerate(burst):
+            assert ask(sock, f"/b{i}").endswith(f"/b{i}".encode())
+        assert len(workers() - before) == 8
+        for sock in burst:
+            sock.close()
+        deadline = time.monotonic() + 5
+        while workers() - before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not workers() - before
+        with socket.create_connection(srv.addresses[0], timeout=3) as sock:
+            assert ask(sock, "/after").endswith(b"/after")
+    finally:
+        srv.close()
