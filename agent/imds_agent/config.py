@@ -23,14 +23,16 @@ POLICY_DEFAULTS = ("deny", "allow-nonsensitive", "allow")
 MAX_TOKEN_TTL = 21600
 
 
-def _check(ok: bool, key: str, message: str) -> None:
+def _check(ok: bool, key: str | tuple[str, ...], message: str) -> None:
     if not ok:
         raise _FieldError(key, message)
 
 
 class _FieldError(ValueError):
-    def __init__(self, key: str, message: str):
-        self.key = key
+    """A bad value; ``key`` is the field, or a path below the dataclass for checks that span sections."""
+
+    def __init__(self, key: str | tuple[str, ...], message: str):
+        self.key = key if isinstance(key, tuple) else (key,)
         super().__init__(message)
 
 
@@ -171,6 +173,19 @@ class Config:
     def __post_init__(self) -> None:
         _check(self.mode in MODES, "mode", f"must be audit or enforce; got {self.mode!r}")
         _check(bool(self.user), "user", "must not be empty")
+        if self.redirect.enabled:
+            # The redirect sends clients to loopback on the listen port; nothing else would receive them.
+            listening = {ipaddress.ip_address(a) for a in self.listen.addresses}
+            _check(
+                ipaddress.ip_address("127.0.0.1") in listening,
+                ("listen", "addresses"),
+                "must include 127.0.0.1, where the redirect sends IPv4 clients",
+            )
+            _check(
+                not self.redirect.ipv6 or ipaddress.ip_address("::1") in listening,
+                ("listen", "addresses"),
+                "must include ::1, where the redirect sends IPv6 clients (or set redirect.ipv6: false)",
+            )
 
     def with_mode(self, mode: str) -> Config:
         """Return a copy in ``mode`` (the CLI's audit/enforce subcommand overrides the file)."""
@@ -224,7 +239,7 @@ def _build(cls: type[Any], data: Any, doc: yamlsrc.Document, keypath: yamlsrc.Ke
     try:
         return cls(**kwargs)
     except _FieldError as exc:
-        raise doc.error(keypath + (exc.key,), str(exc)) from None
+        raise doc.error(keypath + exc.key, str(exc)) from None
 
 
 def from_document(doc: yamlsrc.Document) -> Config:

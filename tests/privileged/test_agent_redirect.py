@@ -185,3 +185,17 @@ def test_ipv6_only_upstream(sbx: Sandbox) -> None:
         assert sbx.emulator_control.counters()["tokenless"] == 0
     finally:
         agent.stop()
+
+
+def test_a_host_with_ipv6_switched_off_gets_the_ipv4_redirect_only(sbx: Sandbox) -> None:
+    for scope in ("all", "default", "lo"):
+        sbx.run(["sysctl", "-qw", f"net.ipv6.conf.{scope}.disable_ipv6=1"], check=True)
+    agent = AgentProcess(sbx, backend="nftables").start()  # the default listen addresses include ::1
+    try:
+        assert curl(sbx, V4) == "200"
+        assert "IPv6 is disabled on this host: not listening on [::1]" in agent.log()
+        assert "requests to [fd00:ec2::254] are not redirected" in agent.log()
+        shown = agent.cli("rules", "show").stdout
+        assert "state: present" in shown and "ip daddr 169.254.169.254" in shown and "fd00:ec2::254" not in shown
+    finally:
+        assert agent.stop() == 0

@@ -65,6 +65,8 @@ def test_values_are_read(tmp_path: Path) -> None:
         ("mode: audit\nmode: enforce\n", 2, "mode", "duplicate key"),
         ("listen: 8775\n", 1, "listen", "must be a mapping"),
         ("upstream: {connect_timeout: 0}\n", 1, "upstream.connect_timeout", "> 0"),
+        ("listen:\n  port: 9000\n  addresses: [127.0.0.1]\n", 3, "listen.addresses", "must include ::1"),
+        ("redirect: {ipv6: false}\nlisten: {addresses: ['::1']}\n", 2, "listen.addresses", "include 127.0.0.1"),
     ],
 )
 def test_errors_name_file_line_and_key(tmp_path: Path, text: str, line: int, key: str, fragment: str) -> None:
@@ -112,3 +114,10 @@ def test_upstream_via_is_checked(tmp_path: Path) -> None:
         configmod.load(str(path), required=True)
     path.write_text("upstream:\n  via: ipv6\n")
     assert configmod.load(str(path), required=True).upstream.via == "ipv6"
+
+
+def test_listen_addresses_need_only_what_the_redirect_targets(tmp_path: Path) -> None:
+    assert configmod.load(write(tmp_path, "listen: {addresses: [127.0.0.1]}\nredirect: {ipv6: false}\n"))
+    assert configmod.load(write(tmp_path, "listen: {addresses: [127.0.0.1]}\nredirect: {enabled: false}\n"))
+    config = configmod.load(write(tmp_path, "listen: {addresses: ['0:0:0:0:0:0:0:1', 127.0.0.1]}\n"))
+    assert config.redirect.ipv6 and "0:0:0:0:0:0:0:1" in config.listen.addresses

@@ -7,6 +7,8 @@ happens once per TCP connection, never per request) and about each exchange (aud
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import logging
 import queue
 import selectors
@@ -76,7 +78,13 @@ class ProxyServer:
         port = self.config.port
         for address in self.config.addresses:
             family = socket.AF_INET6 if ":" in address else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+            except OSError as exc:
+                if _ipv6_unavailable(address, exc):
+                    log.warning("IPv6 is disabled on this host: not listening on [%s]", address)
+                    continue
+                raise
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:
@@ -85,6 +93,9 @@ class ProxyServer:
                 sock.listen(1024)
             except OSError as exc:
                 sock.close()
+                if _ipv6_unavailable(address, exc):
+                    log.warning("IPv6 is disabled on this host: not listening on [%s]", address)
+                    continue
                 self.close()
                 host = f"[{address}]" if family == socket.AF_INET6 else address
                 raise AgentError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
@@ -92,6 +103,8 @@ class ProxyServer:
             if port == 0:
                 # Listen on the same port everywhere so the redirect has one target port.
                 port = sock.getsockname()[1]
+        if not self._listeners:
+            raise AgentError(f"no listen address could be bound ({', '.join(self.config.addresses)})")
 
     def start(self) -> None:
         """Bind if needed and start accepting in a background thread."""
@@ -235,6 +248,13 @@ class ProxyServer:
                 self._active.discard(sock)
             sock.close()
             self._slots.release()
+
+
+def _ipv6_unavailable(address: str, exc: OSError) -> bool:
+    """Whether binding IPv6 loopback failed because the host has IPv6 switched off (ipv6.disable=1 or
+    disable_ipv6 on lo): a host choice the agent follows, unlike any other failure to listen."""
+    loopback = ipaddress.ip_address(address) == ipaddress.IPv6Address("::1")
+    return loopback and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)
 
 
 def _send(sock: socket.socket, data: bytes) -> bool:

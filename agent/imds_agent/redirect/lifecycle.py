@@ -11,7 +11,9 @@ metadata service while it is down (clients get connection refused instead of unf
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 import time
 from typing import Any, Optional
 
@@ -22,15 +24,31 @@ log = logging.getLogger(__name__)
 
 
 def spec_for(redirect: RedirectConfig, upstream: UpstreamConfig, exempt_uid: int, listen_port: int) -> RedirectSpec:
-    """The redirect the configuration asks for, towards a listener on ``listen_port``."""
+    """The redirect the configuration asks for, towards a listener on ``listen_port``. IPv6 is left out on a
+    host that has it switched off: the agent cannot listen on [::1] there, so a rule would only refuse clients."""
+    with_ipv6 = redirect.ipv6 and ipv6_loopback_available()
+    if redirect.ipv6 and not with_ipv6:
+        log.warning("IPv6 is disabled on this host: requests to [%s] are not redirected", upstream.ipv6)
     return RedirectSpec(
         exempt_uid=exempt_uid,
         listen_port=listen_port,
         ipv4=upstream.ipv4,
         ipv6=upstream.ipv6,
         port=upstream.port,
-        with_ipv6=redirect.ipv6,
+        with_ipv6=with_ipv6,
     )
+
+
+def ipv6_loopback_available() -> bool:
+    """Whether this network namespace can listen on [::1] (not so with ipv6.disable=1 or disable_ipv6 on lo)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError as exc:
+        if exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+            return False
+        raise
+    return True
 
 
 class Interception:
