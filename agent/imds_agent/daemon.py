@@ -193,7 +193,14 @@ class Agent:
         )
         if self.audit is not None:
             self.audit.write(record)
-        self.inventory.add(caller.exe, caller.uid, caller.user, path_class(ex.path), ex.kind, ex.decision, record.time)
+        cls = path_class(ex.path)
+        first = self.inventory.add(caller.exe, caller.uid, caller.user, cls, ex.kind, ex.decision, record.time)
+        if first and ex.decision != "allow":
+            # Once per caller and path class in the journal, so operators see denials without a flood; every
+            # request is in the audit log.
+            verb = "denied" if ex.decision == "deny" else "would deny (audit)"
+            log.warning("%s: %s %s %s [%s] by %s: %s", verb, caller.describe(), ex.method, path, cls,
+                        ex.decided_by, ex.reason)  # fmt: skip
         self.tally.add(ex.kind, ex.decision, ex.status, caller.known)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s %s %s -> %d %s", caller.describe(), ex.method, path, ex.kind, ex.status, ex.decision)

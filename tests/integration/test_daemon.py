@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import http.client
 import os
 import signal
 import socket
@@ -14,6 +16,9 @@ import pytest
 from imds_agent import daemon
 from imds_agent.config import AuditConfig, Config, ListenConfig, PolicyConfig, RedirectConfig, UpstreamConfig
 from imds_agent.daemon import Agent
+from imds_agent.sandbox.emulator import Emulator
+
+CREDS = "/latest/meta-data/iam/security-credentials/"
 
 
 @pytest.fixture
@@ -62,3 +67,26 @@ def test_the_agent_exits_1_when_its_accept_thread_ends(
     assert daemon.run(config, ready=break_the_accept_thread) == 1
     assert "the accept loop failed" in caplog.text and "stopping: the accept thread has ended" in caplog.text
     assert time.monotonic() - started < 5
+
+
+def test_the_first_denial_per_caller_and_path_class_reaches_the_journal_once(
+    config: Config, caplog: pytest.LogCaptureFixture
+) -> None:
+    emu = Emulator(tokens="required", addresses=[("127.0.0.1", 0)])
+    emu.start()
+    agent = Agent(dataclasses.replace(config, upstream=UpstreamConfig(ipv4="127.0.0.1", port=emu.addresses[0][1])))
+    agent.start()
+    try:
+        host, port = agent.server.addresses[0]
+        for path in [CREDS, CREDS, CREDS + "role", "/latest/meta-data/instance-id"]:
+            conn = http.client.HTTPConnection(host, port, timeout=5)
+            conn.request("GET", path)
+            assert conn.getresponse().status in (200, 404)  # audit mode: forwarded
+            conn.close()
+    finally:
+        agent.stop()
+        emu.stop()
+    warnings = [r.getMessage() for r in caplog.records if "would deny" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # three credential reads, one line; instance-id is allowed
+    assert f"pid={os.getpid()}" in warnings[0] and "[credentials]" in warnings[0]
+    assert "default: allow-nonsensitive" in warnings[0]

@@ -86,8 +86,8 @@ class Inventory:
         return (e.exe, e.uid, e.user, e.path_class, e.imds, e.decision)
 
     def add(self, exe: Optional[str], uid: Optional[int], user: Optional[str], cls: str, imds: str,
-            decision: str, when: float) -> None:  # fmt: skip
-        """Count one request."""
+            decision: str, when: float) -> bool:  # fmt: skip
+        """Count one request; True when it opened a new entry (a combination not seen before)."""
         key: Key = (exe or UNKNOWN_EXE, uid, user, cls, imds, decision)
         with self._lock:
             entry = self._entries.get(key)
@@ -101,6 +101,7 @@ class Inventory:
                 entry.count += 1
                 entry.last_seen = max(entry.last_seen, when)
             self._dirty = True
+            return entry is None
 
     def entries(self) -> list[Entry]:
         """A snapshot of every entry."""
