@@ -7,7 +7,7 @@ APT_PACKAGES := python3-venv python3-dev nftables iptables iproute2 util-linux c
 	debootstrap systemd-container lintian rpm rpmlint
 export PATH := /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
-.PHONY: all deps venv demo test lint unit bench e2e deb rpm clean
+.PHONY: all deps venv demo test compat lint unit bench e2e deb rpm clean
 
 all: test
 
@@ -42,6 +42,18 @@ unit: deps
 test: lint
 	$(BIN)/pytest -q -p no:cacheprovider tests
 
+# The agent on the oldest Python it supports (3.9: Amazon Linux 2023, RHEL 9), where one is installed: the unit and
+# integration tests and the agent's own privileged tests, in a second virtual environment.
+PYTHON39 ?= $(firstword $(wildcard /usr/bin/python3.9 /usr/local/bin/python3.9 $(HOME)/.pyenv/versions/3.9*/bin/python3.9))
+VENV39 := .venv39
+compat: .stamp-apt
+	@if [ -z "$(PYTHON39)" ]; then echo "compat: no Python 3.9 here; set PYTHON39=/path/to/python3.9" >&2; exit 1; fi
+	test -x $(VENV39)/bin/python || $(PYTHON39) -m venv $(VENV39)
+	$(VENV39)/bin/pip install -q -e '.[test]'
+	$(VENV39)/bin/python --version
+	$(VENV39)/bin/pytest -q -p no:cacheprovider tests/unit tests/integration \
+		tests/privileged/test_agent_redirect.py tests/privileged/test_policy_enforce.py
+
 demo: deps
 	$(BIN)/python -m imds_agent.sandbox.demo
 
@@ -65,4 +77,4 @@ rpm: deps
 	rpmlint dist/imds-agent-*.noarch.rpm || true  # remaining findings are explained in packaging/README.md
 
 clean:
-	rm -rf $(VENV) .stamp-* build dist .cache agent/*.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(VENV39) .stamp-* build dist .cache agent/*.egg-info .mypy_cache .ruff_cache .pytest_cache
