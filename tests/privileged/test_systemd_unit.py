@@ -57,8 +57,10 @@ def our_rules(sbx: Sandbox) -> bool:
 
 def test_the_packaged_unit_under_systemd(tmp_path: Path) -> None:
     deb = build("deb", str(tmp_path), "0.1.0")
+    upgrade = build("deb", str(tmp_path), "0.1.1")
     with Sandbox() as sbx, overlay_root(systemd_root(), chroot_mounts=False) as root:
-        shutil.copy(deb, root / "root")  # the container mounts its own /tmp
+        for package in (deb, upgrade):
+            shutil.copy(package, root / "root")  # the container mounts its own /tmp
         with booted(root, sbx.host_ns, tmp_path / "boot.log") as ct:
             # Install: enabled, started in audit mode, ready (Type=notify), rules in, as its own user.
             ct.run("dpkg", "-i", f"/root/{os.path.basename(deb)}")
@@ -124,6 +126,13 @@ def test_the_packaged_unit_under_systemd(tmp_path: Path) -> None:
             config.write_text(good)
             ct.run("systemctl", "start", UNIT)
             assert active(ct) and our_rules(sbx)
+
+            # Upgrade: the running agent is restarted on the new version, in the mode set above.
+            pid = ct.show(UNIT, "MainPID")["MainPID"]
+            ct.run("dpkg", "-i", f"/root/{os.path.basename(upgrade)}")
+            assert wait_for(lambda: active(ct) and ct.show(UNIT, "MainPID")["MainPID"] not in ("0", pid), 20)
+            assert ct.run("imds-agent", "version").stdout.strip() == "imds-agent 0.1.1"
+            assert curl_as_nobody(ct).endswith("\n403")  # still enforcing: the edited agent.yaml was kept
 
             # Stop removes the rules; removing the package leaves nothing running and no rules.
             ct.run("systemctl", "stop", UNIT)
