@@ -62,6 +62,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             who += f" user {','.join(rule.users)}"
         extra = f"; sensitive: {', '.join(rule.sensitive)}" if rule.sensitive else ""
         extra += "; no token injection" if not rule.inject_token else ""
+        extra += "; also inside containers" if rule.in_containers else ""
         print(f"  - {rule.name} [{rule.source}]: {who} -> {', '.join(rule.paths)}{extra}")
     print(f"audit: {config.audit.log}, state {config.audit.state_dir}")
     return EXIT_OK
@@ -194,7 +195,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
             user = pwd.getpwuid(args.uid).pw_name
         except KeyError:
             user = None
-    caller = Caller(True, pid=None, exe=args.exe, uid=args.uid, user=user, cmdline=tuple(args.cmdline or ()))
+    cmdline = tuple(args.cmdline or ())
+    caller = Caller(True, None, args.exe, args.uid, user, cmdline, exe_verified=not args.in_container)
     decision = decide(policy, caller, args.method, args.path, args.sha256)
     verdict = "allow" if decision.allow else "deny"
     shown = decision.path.display if decision.path is not None else args.path
@@ -272,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="GET", choices=("GET", "HEAD", "PUT"))
     p.add_argument("--cmdline", nargs="*", help="the command line, for rules that match on it")
     p.add_argument("--sha256", help="the executable's hash, for rules that pin one")
+    p.add_argument("--in-container", action="store_true",
+                   help="the path is inside a container's image, not a file on the host")  # fmt: skip
     p.set_defaults(func=cmd_explain)
     p = sub.add_parser("set-mode", help="set `mode:` in the configuration file and reload the running agent")
     p.add_argument("mode", choices=configmod.MODES)

@@ -194,7 +194,9 @@ class Agent:
         if self.audit is not None:
             self.audit.write(record)
         cls = path_class(ex.path)
-        first = self.inventory.add(caller.exe, caller.uid, caller.user, cls, ex.kind, ex.decision, record.time)
+        first = self.inventory.add(
+            caller.exe, caller.uid, caller.user, cls, ex.kind, ex.decision, record.time, caller.exe_verified
+        )
         if first and ex.decision != "allow":
             # Once per caller and path class in the journal, so operators see denials without a flood; every
             # request is in the audit log.

@@ -160,3 +160,27 @@ def test_audit_suggest_enforce_round_trip(sbx: Sandbox) -> None:
         enforce.stop()
     explain = audit.cli("explain", "--exe", f"{sbx.workdir}/bin/allowed-curl", "--uid", str(APP), "--path", CREDS)
     assert explain.returncode == 0 and explain.stdout.startswith("allow:") and "seen:" in explain.stdout
+
+
+def test_a_same_named_binary_from_another_mount_namespace_is_not_the_allowed_one(sbx: Sandbox) -> None:
+    """What a container (or any private mount namespace) can do: present its own file at the allowed path. The
+    process's exe link then names that path, but the file is not the host's, so the rule must not match."""
+    bindir = os.path.join(sbx.workdir, "bin")
+    allowed, other = os.path.join(bindir, "allowed-curl"), os.path.join(bindir, "other-curl")
+    write_policy(sbx, "50-test.yaml", POLICY.format(bindir=bindir, app=APP))
+    agent = AgentProcess(sbx, mode="enforce").start()
+    try:
+        as_app = ["setpriv", f"--reuid={APP}", f"--regid={APP}", "--clear-groups"]
+        request = ["-s", "--max-time", "5", "-w", "\n%{http_code}", "http://169.254.169.254" + CREDS]
+        impostor = ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
+                    'mount --bind "$1" "$2" && shift 2 && exec "$@"', "sh", other, allowed,
+                    *as_app, allowed, *request]  # fmt: skip
+        out = sbx.run(impostor).stdout
+        assert out.endswith("\n403"), out
+        assert curl(sbx, "allowed-curl", APP, "http://169.254.169.254" + CREDS)[0] == "200"  # the real one
+    finally:
+        agent.stop()
+    lines = [json.loads(x) for x in open(os.path.join(sbx.workdir, "audit", "audit.jsonl"), encoding="utf-8")]
+    impostor_line, real_line = lines[0], lines[1]
+    assert impostor_line["exe"] == allowed and impostor_line["exe_verified"] is False
+    assert impostor_line["decision"] == "deny" and real_line["exe_verified"] is True

@@ -50,9 +50,10 @@ class Entry:
     count: int
     first_seen: float
     last_seen: float
+    exe_verified: bool = True  # False: the path named a file other than the host's (a container's, a replaced one)
 
 
-Key = tuple[str, Optional[int], Optional[str], str, str, str]
+Key = tuple[str, Optional[int], Optional[str], str, str, str, bool]
 
 
 class Inventory:
@@ -83,12 +84,12 @@ class Inventory:
 
     @staticmethod
     def _key(e: Entry) -> Key:
-        return (e.exe, e.uid, e.user, e.path_class, e.imds, e.decision)
+        return (e.exe, e.uid, e.user, e.path_class, e.imds, e.decision, e.exe_verified)
 
     def add(self, exe: Optional[str], uid: Optional[int], user: Optional[str], cls: str, imds: str,
-            decision: str, when: float) -> bool:  # fmt: skip
+            decision: str, when: float, exe_verified: bool = True) -> bool:  # fmt: skip
         """Count one request; True when it opened a new entry (a combination not seen before)."""
-        key: Key = (exe or UNKNOWN_EXE, uid, user, cls, imds, decision)
+        key: Key = (exe or UNKNOWN_EXE, uid, user, cls, imds, decision, exe_verified)
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
@@ -96,7 +97,7 @@ class Inventory:
                     oldest = min(self._entries, key=lambda k: self._entries[k].last_seen)
                     del self._entries[oldest]
                     self.evicted += 1
-                self._entries[key] = Entry(key[0], uid, user, cls, imds, decision, 1, when, when)
+                self._entries[key] = Entry(key[0], uid, user, cls, imds, decision, 1, when, when, exe_verified)
             else:
                 entry.count += 1
                 entry.last_seen = max(entry.last_seen, when)

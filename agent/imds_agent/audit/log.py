@@ -51,6 +51,7 @@ class AuditRecord:
             "user": c.user,
             "unit": c.unit,
             "container": c.container,
+            "exe_verified": c.exe_verified if c.known else None,
             "identified": c.known,
             "unidentified_reason": c.reason or None,
             "user_agent": self.user_agent,

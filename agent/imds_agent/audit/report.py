@@ -17,6 +17,9 @@ import yaml
 from ..policy.paths import SENSITIVE_CLASSES
 from .inventory import UNKNOWN_EXE, Entry
 
+# How a report names an executable whose path did not lead to the host's file (a container's, a replaced one).
+NOT_HOST_FILE = "[not the host's file]"
+
 
 @dataclass
 class CallerRow:
@@ -31,6 +34,7 @@ class CallerRow:
     denied: int = 0
     sensitive: set[str] = field(default_factory=set)
     last_seen: float = 0.0
+    exe_verified: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (sorted sensitive classes, ISO time)."""
@@ -42,11 +46,12 @@ class CallerRow:
 
 def report(entries: Iterable[Entry], since: Optional[float] = None) -> list[CallerRow]:
     """One row per (exe, uid), busiest first; ``since`` keeps entries last seen at or after that time."""
-    rows: dict[tuple[str, Optional[int]], CallerRow] = {}
+    rows: dict[tuple[str, Optional[int], bool], CallerRow] = {}
     for e in entries:
         if since is not None and e.last_seen < since:
             continue
-        row = rows.setdefault((e.exe, e.uid), CallerRow(e.exe, e.uid, e.user))
+        key = (e.exe, e.uid, e.exe_verified)
+        row = rows.setdefault(key, CallerRow(e.exe, e.uid, e.user, exe_verified=e.exe_verified))
         row.requests += e.count
         if e.imds == "v1":
             row.imdsv1 += e.count
@@ -62,15 +67,16 @@ def report(entries: Iterable[Entry], since: Optional[float] = None) -> list[Call
 
 def render_table(rows: list[CallerRow]) -> str:
     """The human report."""
-    width = max([len("EXECUTABLE")] + [len(r.exe) for r in rows])
+    names = [r.exe if r.exe_verified else f"{r.exe} {NOT_HOST_FILE}" for r in rows]
+    width = max([len("EXECUTABLE")] + [len(n) for n in names])
     sensitive = [",".join(sorted(r.sensitive)) or "-" for r in rows]
     swidth = max([len("SENSITIVE")] + [len(s) for s in sensitive])
     head = f"{'EXECUTABLE':<{width}} {'USER':<12} {'REQUESTS':>8} {'IMDSv1':>7} {'WOULD-DENY':>10} {'DENIED':>7}"
     lines = [f"{head}  {'SENSITIVE':<{swidth}}  LAST SEEN (UTC)"]
-    for r, sens in zip(rows, sensitive):
+    for r, name, sens in zip(rows, names, sensitive):
         user = r.user or (str(r.uid) if r.uid is not None else "?")
         lines.append(
-            f"{r.exe:<{width}} {user:<12} {r.requests:>8} {r.imdsv1:>7} {r.would_deny:>10} {r.denied:>7}"
+            f"{name:<{width}} {user:<12} {r.requests:>8} {r.imdsv1:>7} {r.would_deny:>10} {r.denied:>7}"
             f"  {sens:<{swidth}}  {time.strftime('%Y-%m-%d %H:%M', time.gmtime(r.last_seen))}"
         )
     if not rows:
@@ -84,11 +90,13 @@ def suggest(entries: Iterable[Entry]) -> str:
     A class is the first two path segments ('meta-data/placement' covers placement/region and placement/...),
     so a rule grants what was seen at that granularity; sensitive classes are granted by name.
     """
-    grants: dict[tuple[str, Optional[int]], dict[str, Any]] = {}
+    grants: dict[tuple[str, Optional[int], bool], dict[str, Any]] = {}
     for e in entries:
         if e.exe == UNKNOWN_EXE or e.path_class.startswith("("):
             continue
-        g = grants.setdefault((e.exe, e.uid), {"paths": set(), "sensitive": set(), "user": e.user, "count": 0})
+        g = grants.setdefault(
+            (e.exe, e.uid, e.exe_verified), {"paths": set(), "sensitive": set(), "user": e.user, "count": 0}
+        )
         g["count"] += e.count
         if e.path_class in SENSITIVE_CLASSES:
             g["sensitive"].add(e.path_class)
@@ -98,10 +106,18 @@ def suggest(entries: Iterable[Entry]) -> str:
         else:
             g["paths"].add(e.path_class + "/**")
     rules = []
-    for (exe, uid), g in sorted(grants.items(), key=lambda kv: (kv[0][0], kv[0][1] if kv[0][1] is not None else -1)):
-        rule: dict[str, Any] = {"name": f"seen: {exe} as {g['user'] or uid}", "exe": exe}
+
+    def order(item: tuple[tuple[str, Optional[int], bool], Any]) -> tuple[str, int, bool]:
+        exe, uid, verified = item[0]
+        return exe, uid if uid is not None else -1, not verified
+
+    for (exe, uid, verified), g in sorted(grants.items(), key=order):
+        where = "" if verified else f" {NOT_HOST_FILE}"
+        rule: dict[str, Any] = {"name": f"seen: {exe} as {g['user'] or uid}{where}", "exe": exe}
         if uid is not None:
             rule["uid"] = uid
+        if not verified:
+            rule["in_containers"] = True
         rule["paths"] = sorted(g["paths"])
         if g["sensitive"]:
             rule["sensitive"] = sorted(g["sensitive"])

@@ -12,6 +12,11 @@ class Caller:
 
     ``known`` is False when the process could not be identified (it vanished, its /proc entry was unreadable,
     the socket was not found); such a caller carries ``reason`` and is never trusted as anyone in particular.
+
+    ``exe_verified`` says the file at ``exe``, as the agent sees the filesystem, is the very file the process
+    runs. It is False for a process in another mount namespace that shows its own file under that path (a
+    container's image) and for a binary replaced or deleted since the process started: the path alone then
+    proves nothing, and only rules written for containers match it.
     """
 
     known: bool
@@ -23,6 +28,7 @@ class Caller:
     create_time: Optional[float] = None
     unit: Optional[str] = None
     container: Optional[str] = None
+    exe_verified: bool = True
     reason: str = ""
 
     @classmethod

@@ -164,7 +164,8 @@ class ProcessIndex:
         except (psutil.Error, KeyError):
             user = None
         unit, container = self._cgroup(pid)
-        caller = Caller(True, pid, exe, uid, user, cmdline, created, unit, container)
+        verified = _same_file(f"{self.proc}/{pid}/exe", exe)
+        caller = Caller(True, pid, exe, uid, user, cmdline, created, unit, container, exe_verified=verified)
         with self._lock:
             self._described[key] = caller
             while len(self._described) > DESCRIBED:
@@ -177,3 +178,16 @@ class ProcessIndex:
                 return unit_and_container(fh.read())
         except OSError:
             return None, None
+
+
+def _same_file(exe_link: str, path: str) -> bool:
+    """Whether ``path`` in the agent's view is the file behind a process's exe link (same device and inode).
+
+    The link resolves to the running file whatever mount namespace it lives in, while the name it shows is only
+    a path inside that namespace.
+    """
+    try:
+        running, named = os.stat(exe_link), os.stat(path)
+    except OSError:
+        return False
+    return (running.st_dev, running.st_ino) == (named.st_dev, named.st_ino)

@@ -11,6 +11,7 @@ A policy file:
         paths: ["meta-data/**"]      # what it may read (default: everything but the sensitive classes)
         sensitive: [credentials]     # credentials | identity-credentials | user-data | all
         inject_token: true           # false: the caller must speak IMDSv2 itself
+        in_containers: false         # true: exe paths are inside containers' images (not the host's files)
 
 Loading never half-succeeds: the whole directory parses or nothing changes (the caller keeps the old policy).
 """
@@ -27,7 +28,7 @@ from ..errors import ConfigError
 from .model import Policy, Rule
 from .paths import SENSITIVE_CLASSES
 
-RULE_KEYS = {"name", "exe", "uid", "user", "cmdline", "sha256", "paths", "sensitive", "inject_token"}
+RULE_KEYS = {"name", "exe", "uid", "user", "cmdline", "sha256", "paths", "sensitive", "inject_token", "in_containers"}
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -114,11 +115,14 @@ def _rule(doc: yamlsrc.Document, i: int, item: Any) -> Rule:
     inject = item.get("inject_token", True)
     if not isinstance(inject, bool):
         raise doc.error(kp + ("inject_token",), "must be true or false")
+    in_containers = item.get("in_containers", False)
+    if not isinstance(in_containers, bool):
+        raise doc.error(kp + ("in_containers",), "must be true or false")
     name = item.get("name", f"{os.path.basename(doc.path)}#{i + 1}")
     if not isinstance(name, str) or not name:
         raise doc.error(kp + ("name",), "must be a non-empty string")
     source = f"{doc.path}:{doc.line_of(kp) or '?'}"
     try:
-        return Rule(name, exe, source, uids, users, cmdline, sha256, paths, sensitive, inject)
+        return Rule(name, exe, source, uids, users, cmdline, sha256, paths, sensitive, inject, in_containers)
     except (ValueError, re.error) as exc:
         raise ConfigError(str(exc), path=doc.path, line=doc.line_of(kp), key=yamlsrc.dotted(kp)) from None

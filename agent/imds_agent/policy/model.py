@@ -32,6 +32,7 @@ class Rule:
     paths: tuple[str, ...] = ("**",)
     sensitive: tuple[str, ...] = ()
     inject_token: bool = True
+    in_containers: bool = False  # exe paths may be inside containers' images, not the host's files
     _exe_res: tuple[re.Pattern[str], ...] = field(default=(), repr=False, compare=False)
     _path_res: tuple[re.Pattern[str], ...] = field(default=(), repr=False, compare=False)
 
@@ -47,6 +48,10 @@ class Rule:
         if not caller.known or caller.exe is None:
             return False
         if not any(r.match(caller.exe) for r in self._exe_res):
+            return False
+        if not caller.exe_verified and not self.in_containers:
+            # The name matches but the file is not the host's file of that name: an impostor until a rule
+            # says paths inside containers are meant.
             return False
         if self.uids and caller.uid not in self.uids:
             return False

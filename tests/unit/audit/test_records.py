@@ -134,3 +134,33 @@ def test_report_table_has_aligned_columns_and_the_last_seen_time() -> None:
     assert exporter.split()[:2] == ["/opt/app/bin/exporter", "1000"]  # no user name: the uid
     assert head.index("SENSITIVE") == curl.index("credentials") == exporter.index("-  ")
     assert head.index("LAST SEEN") == curl.index(when) == exporter.index(when)
+
+
+def test_files_that_are_not_the_hosts_are_kept_apart_and_suggested_as_container_rules(tmp_path: Path) -> None:
+    inv = Inventory(str(tmp_path))
+    t = time.time()
+    assert inv.add("/agent", 0, "root", "credentials", "v1", "would-deny", t, exe_verified=False)
+    assert inv.add("/agent", 0, "root", "credentials", "v1", "would-deny", t, exe_verified=True)
+    assert not inv.add("/agent", 0, "root", "credentials", "v1", "would-deny", t, exe_verified=False)
+    inv.save(force=True)
+    again = Inventory(str(tmp_path)).load().entries()
+    assert sorted((e.exe_verified, e.count) for e in again) == [(False, 2), (True, 1)]
+    table = render_table(report(again))
+    assert "/agent [not the host's file]" in table
+
+    (tmp_path / "policy.d").mkdir()
+    (tmp_path / "policy.d" / "50-seen.yaml").write_text(suggest(again))
+    policy = load_policy(str(tmp_path / "policy.d"), default="deny")
+    rules = {r.in_containers: r for r in policy.rules}
+    assert set(rules) == {True, False}
+    creds = "/latest/meta-data/iam/security-credentials/role"
+    in_container = Caller(True, 7, "/agent", 0, "root", ("/agent",), exe_verified=False)
+    assert decide(policy, in_container, "GET", creds).decided_by.startswith(rules[True].name)
+
+
+def test_inventories_saved_before_exe_verification_load_as_host_files(tmp_path: Path) -> None:
+    old = {"exe": "/usr/bin/curl", "uid": 0, "user": "root", "path_class": "meta-data/placement", "imds": "v1",
+           "decision": "allow", "count": 3, "first_seen": 1.0, "last_seen": 2.0}  # fmt: skip
+    (tmp_path / "inventory.json").write_text(json.dumps({"version": 1, "entries": [old]}))
+    (entry,) = Inventory(str(tmp_path)).load().entries()
+    assert entry.exe_verified is True and entry.count == 3

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from imds_agent.identity.caller import Caller
@@ -98,3 +100,15 @@ def test_inject_token_false_is_carried_in_the_decision() -> None:
     rule = Rule("v2-only", ("/usr/bin/curl",), inject_token=False)
     d = decide(policy(rule), CURL, "GET", "/latest/meta-data/")
     assert d.allow and not d.inject
+
+
+def test_a_file_other_than_the_hosts_matches_only_rules_for_containers() -> None:
+    impostor = dataclasses.replace(CURL, exe_verified=False)
+    host_rule = Rule("host", ("/usr/bin/curl",), sensitive=("credentials",))
+    container_rule = Rule("ctr", ("/usr/bin/curl",), sensitive=("credentials",), in_containers=True)
+    creds = "/latest/meta-data/iam/security-credentials/"
+    assert decide(policy(host_rule, default="deny"), CURL, "GET", creds).allow
+    denied = decide(policy(host_rule, default="deny"), impostor, "GET", creds)
+    assert not denied.allow and denied.decided_by == "default: deny"
+    assert decide(policy(container_rule, default="deny"), impostor, "GET", creds).allow
+    assert decide(policy(container_rule, default="deny"), CURL, "GET", creds).allow  # host files too

@@ -40,6 +40,22 @@ def test_shipped_rules(policy: Policy, exe: str, uid: int, cmdline: tuple[str, .
     assert decide(policy, caller, "GET", path).allow is allowed
 
 
+@pytest.mark.parametrize(
+    ("exe", "allowed"),
+    [
+        ("/agent", True),  # the ECS agent in its container
+        ("/app/aws-k8s-agent", True),  # the VPC CNI's aws-node
+        ("/usr/bin/amazon-ssm-agent", False),  # a container image's binary of that name is not the host's agent
+        ("/usr/bin/kubelet", False),
+    ],
+)
+def test_only_rules_for_containerised_agents_match_files_that_are_not_the_hosts(
+    policy: Policy, exe: str, allowed: bool
+) -> None:
+    caller = Caller(True, 1, exe, 0, "root", (exe,), exe_verified=False)
+    assert decide(policy, caller, "GET", CREDS).allow is allowed
+
+
 def test_examples_file_is_all_comments(policy: Policy) -> None:
     assert not any(r.source.endswith("90-examples.yaml") for r in policy.rules)
     assert len(policy.files) == 8
