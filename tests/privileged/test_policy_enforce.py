@@ -184,3 +184,47 @@ def test_a_same_named_binary_from_another_mount_namespace_is_not_the_allowed_one
     impostor_line, real_line = lines[0], lines[1]
     assert impostor_line["exe"] == allowed and impostor_line["exe_verified"] is False
     assert impostor_line["decision"] == "deny" and real_line["exe_verified"] is True
+
+
+SHARER = """
+import os, socket, subprocess, sys, time
+allowed, url_host, path = sys.argv[1:4]
+s = socket.socket()  # created before the fork, so the child inherits it
+os.set_inheritable(s.fileno(), True)
+# The child becomes the allowed program (holding the inherited socket) and makes a request of its own, so the
+# agent has just seen its pid; --rate keeps it alive, waiting before a second transfer.
+child = subprocess.Popen([allowed, "-s", "-o", "/dev/null", "--rate", "2/m", url_host + "/latest/meta-data/ami-id",
+                          url_host + "/latest/meta-data/ami-id"], pass_fds=[s.fileno()])
+time.sleep(1.5)
+s.connect(("169.254.169.254", 80))
+s.sendall(("GET " + path + " HTTP/1.1\\r\\nHost: 169.254.169.254\\r\\nConnection: close\\r\\n\\r\\n").encode())
+reply = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    reply += chunk
+child.kill()
+print(reply.split(b"\\r\\n")[0].decode())
+print(reply.split(b"\\r\\n\\r\\n", 1)[-1].decode())
+"""
+
+
+def test_a_socket_shared_with_an_allowed_program_does_not_borrow_its_identity(sbx: Sandbox) -> None:
+    """A program may hand its socket to a child that runs an allowed executable and read the answer itself; the
+    connection is then held by two different executables and must not be judged as the allowed one."""
+    bindir = os.path.join(sbx.workdir, "bin")
+    write_policy(sbx, "50-test.yaml", POLICY.format(bindir=bindir, app=APP))
+    with open(os.path.join(bindir, "sharer.py"), "w", encoding="utf-8") as fh:
+        fh.write(SHARER)
+    agent = AgentProcess(sbx, mode="enforce").start()
+    try:
+        argv = ["/usr/bin/python3", os.path.join(bindir, "sharer.py"), os.path.join(bindir, "allowed-curl"),
+                "http://169.254.169.254", CREDS]  # fmt: skip
+        status, _, body = sbx.run(argv, uid=APP).stdout.partition("\n")
+        assert status == "HTTP/1.1 403 Forbidden", (status, body)
+    finally:
+        agent.stop()
+    lines = [json.loads(x) for x in open(os.path.join(sbx.workdir, "audit", "audit.jsonl"), encoding="utf-8")]
+    shared = [x for x in lines if x["path"].startswith("/latest/meta-data/iam")]
+    assert shared and not shared[0]["identified"] and "shared" in shared[0]["unidentified_reason"]

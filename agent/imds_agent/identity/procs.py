@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 PROC = "/proc"
 RECENT_PIDS = 256
 DESCRIBED = 1024
+MAX_RELATIVES = 64  # how many related processes a shared-socket check visits at most
 _CONTAINER = re.compile(r"(?:docker-|cri-containerd-|crio-|libpod-|/docker/|/kubepods/.*/)([0-9a-f]{64})")
 _UNIT = re.compile(r"/([^/]+\.(?:service|scope))(?:/|$)")
 
@@ -123,6 +124,61 @@ class ProcessIndex:
             self._recent.move_to_end(pid)
             while len(self._recent) > RECENT_PIDS:
                 self._recent.popitem(last=False)
+
+    def relatives_holding(self, pid: int, inode: int, uid: int) -> list[int]:
+        """Other processes of ``uid`` related to ``pid`` by fork (ancestors and descendants) that hold the socket
+        too. A socket is shared by inheritance, so that is where a second holder is; processes of other uids are
+        not followed (reaching them needs privileges that make this check moot), nor is pid 1."""
+        target = f"socket:[{inode}]"
+        found: list[int] = []
+        seen = {pid}
+        ancestor = pid
+        for _ in range(MAX_RELATIVES):
+            ancestor = self._ppid(ancestor)
+            if ancestor <= 1 or ancestor in seen or self._uid(ancestor) != uid:
+                break
+            seen.add(ancestor)
+            if holds_socket(ancestor, target, self.proc):
+                found.append(ancestor)
+        queue = [pid]
+        while queue and len(seen) < MAX_RELATIVES:
+            for child in self._children(queue.pop()):
+                if child in seen or self._uid(child) != uid:
+                    continue
+                seen.add(child)
+                queue.append(child)
+                if holds_socket(child, target, self.proc):
+                    found.append(child)
+        return found
+
+    def _ppid(self, pid: int) -> int:
+        try:
+            with open(f"{self.proc}/{pid}/stat", "rb") as fh:
+                data = fh.read()
+            return int(data[data.rindex(b")") + 2 :].split()[1])
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def _uid(self, pid: int) -> Optional[int]:
+        try:
+            return os.stat(f"{self.proc}/{pid}").st_uid
+        except OSError:
+            return None
+
+    def _children(self, pid: int) -> list[int]:
+        """Children of every thread of ``pid`` (/proc/PID/task/TID/children)."""
+        out: list[int] = []
+        try:
+            tids = os.listdir(f"{self.proc}/{pid}/task")
+        except OSError:
+            return out
+        for tid in tids:
+            try:
+                with open(f"{self.proc}/{pid}/task/{tid}/children", "rb") as fh:
+                    out.extend(int(c) for c in fh.read().split())
+            except (OSError, ValueError):
+                continue
+        return out
 
     def _start_ticks(self, pid: int) -> Optional[int]:
         """The process's start time in clock ticks from /proc/PID/stat (field 22): with the pid, a unique key.

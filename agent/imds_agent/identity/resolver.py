@@ -47,7 +47,24 @@ class Identifier:
         pid = self.index.find_pid(owner.inode, owner.uid)
         if pid is None:
             return Caller.unknown(f"no readable process holds socket {owner.inode}", uid=owner.uid)
-        return self.index.describe(pid)
+        caller = self.index.describe(pid)
+        if caller.known and owner.uid:
+            # Root's sockets are not checked: root can read anything the agent could withhold.
+            return self._unshared(caller, owner.inode, owner.uid)
+        return caller
+
+    def _unshared(self, caller: Caller, inode: int, uid: int) -> Caller:
+        """``caller``, unless a related process running something else holds the same socket: one of them may
+        write the request and read the answer while the other lends its identity, so neither is trusted."""
+        if caller.pid is None:
+            return caller
+        for other_pid in self.index.relatives_holding(caller.pid, inode, uid):
+            other = self.index.describe(other_pid)
+            if (other.exe, other.uid, other.exe_verified) != (caller.exe, caller.uid, caller.exe_verified):
+                return Caller.unknown(
+                    f"socket shared by pid {caller.pid} ({caller.exe}) and pid {other_pid} ({other.exe})", uid=uid
+                )
+        return caller
 
     def close(self) -> None:
         """Release the netlink socket."""

@@ -62,3 +62,26 @@ def test_describe_this_process_and_cache_it() -> None:
     assert caller.known and caller.pid == os.getpid() and caller.exe and os.path.isabs(caller.exe)
     assert caller.uid == os.getuid() and caller.cmdline
     assert index.describe(os.getpid()) is caller
+
+
+def family(root: Path, pid: int, ppid: int, sockets: list[int], children: tuple[int, ...] = ()) -> None:
+    """A fake process with a parent, sockets and children (what relatives_holding reads)."""
+    fake_proc(root, pid, sockets)
+    (root / str(pid) / "stat").write_text(f"{pid} (x y) S {ppid} 1 1 0 -1\n")
+    task = root / str(pid) / "task" / str(pid)
+    task.mkdir(parents=True)
+    (task / "children").write_text(" ".join(map(str, children)) + (" " if children else ""))
+
+
+def test_relatives_holding_finds_ancestors_and_descendants_with_the_socket(tmp_path: Path) -> None:
+    family(tmp_path, 1, 0, [555], children=(10,))  # init holds it too: never followed
+    family(tmp_path, 10, 1, [555], children=(20,))  # grandparent
+    family(tmp_path, 20, 10, [], children=(30,))  # parent without it: the walk goes on past it
+    family(tmp_path, 30, 20, [555], children=(40, 41))  # the process found first
+    family(tmp_path, 40, 30, [555], children=(50,))
+    family(tmp_path, 41, 30, [777])
+    family(tmp_path, 50, 40, [555])
+    index = ProcessIndex(str(tmp_path))
+    assert sorted(index.relatives_holding(30, 555, os.getuid())) == [10, 40, 50]
+    assert index.relatives_holding(41, 777, os.getuid()) == []
+    assert index.relatives_holding(30, 555, os.getuid() + 1) == []  # other uids are not followed
