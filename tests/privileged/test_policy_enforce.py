@@ -227,4 +227,6 @@ def test_a_socket_shared_with_an_allowed_program_does_not_borrow_its_identity(sb
         agent.stop()
     lines = [json.loads(x) for x in open(os.path.join(sbx.workdir, "audit", "audit.jsonl"), encoding="utf-8")]
     shared = [x for x in lines if x["path"].startswith("/latest/meta-data/iam")]
-    assert shared and not shared[0]["identified"] and "shared" in shared[0]["unidentified_reason"]
+    assert shared and shared[0]["exe"] == os.path.join(bindir, "allowed-curl")  # the newest caller, found first
+    assert "/usr/bin/python3" in shared[0]["shared_with"][0]
+    assert shared[0]["decision"] == "deny" and "shared with" in shared[0]["reason"]

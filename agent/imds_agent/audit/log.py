@@ -52,6 +52,7 @@ class AuditRecord:
             "unit": c.unit,
             "container": c.container,
             "exe_verified": c.exe_verified if c.known else None,
+            "shared_with": [f"{o.pid} {o.exe}" for o in c.sharers] or None,
             "identified": c.known,
             "unidentified_reason": c.reason or None,
             "user_agent": self.user_agent,

@@ -30,6 +30,9 @@ class Caller:
     container: Optional[str] = None
     exe_verified: bool = True
     reason: str = ""
+    # Related processes running other executables that hold the same socket: any of them may be the one writing
+    # the requests, so a request is allowed only if it would be allowed to each.
+    sharers: tuple[Caller, ...] = ()
 
     @classmethod
     def unknown(cls, reason: str, uid: Optional[int] = None) -> Caller:

@@ -7,6 +7,7 @@ per TCP connection and reused for its keep-alive requests.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Optional
@@ -50,21 +51,22 @@ class Identifier:
         caller = self.index.describe(pid)
         if caller.known and owner.uid:
             # Root's sockets are not checked: root can read anything the agent could withhold.
-            return self._unshared(caller, owner.inode, owner.uid)
+            return self._with_sharers(caller, owner.inode, owner.uid)
         return caller
 
-    def _unshared(self, caller: Caller, inode: int, uid: int) -> Caller:
-        """``caller``, unless a related process running something else holds the same socket: one of them may
-        write the request and read the answer while the other lends its identity, so neither is trusted."""
+    def _with_sharers(self, caller: Caller, inode: int, uid: int) -> Caller:
+        """``caller`` with the related processes that hold the same socket while running something else: one of
+        them may write the request and read the answer while another lends its identity."""
         if caller.pid is None:
             return caller
+        sharers = []
         for other_pid in self.index.relatives_holding(caller.pid, inode, uid):
             other = self.index.describe(other_pid)
+            if not other.known:
+                return Caller.unknown(f"socket shared with pid {other_pid}, which {other.reason}", uid=uid)
             if (other.exe, other.uid, other.exe_verified) != (caller.exe, caller.uid, caller.exe_verified):
-                return Caller.unknown(
-                    f"socket shared by pid {caller.pid} ({caller.exe}) and pid {other_pid} ({other.exe})", uid=uid
-                )
-        return caller
+                sharers.append(other)
+        return dataclasses.replace(caller, sharers=tuple(sharers)) if sharers else caller
 
     def close(self) -> None:
         """Release the netlink socket."""

@@ -9,6 +9,7 @@ The User-Agent is recorded, never used to decide.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from typing import Any, Optional
@@ -52,13 +53,29 @@ class AccessGate:
         dst = conn.context.get("original_dst")
         conn.context["caller"] = self.identifier.identify(conn.peer, conn.local, dst)
 
+    def _decide(self, policy: Policy, caller: Caller, method: str, target: str) -> Decision:
+        """The decision for ``caller``; with a shared socket, allowed only if allowed to every holder."""
+        decision = decide(policy, caller, method, target, self._digest(policy, caller))
+        for other in caller.sharers:
+            if not decision.allow:
+                break
+            theirs = decide(policy, other, method, target, self._digest(policy, other))
+            if not theirs.allow:
+                reason = f"the connection is shared with {other.describe()}: {theirs.reason}"
+                decision = Decision(False, theirs.decided_by, reason, path=decision.path)
+            elif not theirs.inject:
+                decision = dataclasses.replace(decision, inject=False)
+        return decision
+
+    def _digest(self, policy: Policy, caller: Caller) -> Optional[str]:
+        return self.hasher.of_pid(caller.pid) if policy.needs_hash and caller.pid is not None else None
+
     def admit(self, context: dict[str, Any], req: Request, target: str, ex: Exchange) -> bool:
         """Decide; raise HttpError(403) to deny in enforce mode; return whether a v1 request gets the token."""
         with self._swap:
             mode, policy = self.mode, self.policy
         caller: Caller = context.get("caller") or Caller.unknown("connection was not identified")
-        digest = self.hasher.of_pid(caller.pid) if policy.needs_hash and caller.pid is not None else None
-        decision = decide(policy, caller, req.method, target, digest)
+        decision = self._decide(policy, caller, req.method, target)
         ex.path = decision.path
         ex.decided_by, ex.reason = decision.decided_by, decision.reason
         relayed = ex.kind == "v1" and any(req.has(h) for h in RELAY_HEADERS)

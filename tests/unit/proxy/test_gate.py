@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from imds_agent.identity.caller import Caller
@@ -73,3 +75,19 @@ def test_replace_switches_mode_and_policy_together() -> None:
     g.replace("enforce", Policy(default="allow"))
     ex = Exchange("GET", CREDS, "v1")
     assert g.admit({"caller": CURL}, request(CREDS), CREDS, ex) and ex.decision == "allow"
+
+
+def test_a_shared_connection_is_allowed_only_what_every_holder_may_have() -> None:
+    ssm = Caller(True, 1, "/usr/bin/amazon-ssm-agent", 1000, "app")
+    lent = dataclasses.replace(ssm, sharers=(CURL,))  # curl holds the same socket
+    ex = Exchange("GET", CREDS, "v1")
+    with pytest.raises(HttpError) as info:
+        gate("enforce").admit({"caller": lent}, request(CREDS), CREDS, ex)
+    assert "shared with /usr/bin/curl (pid=10, uid=1000)" in info.value.message
+    assert ex.decided_by == "default: allow-nonsensitive"
+    # What both may read (instance metadata, by the default) stays readable: a shell script's /dev/tcp
+    # connection that `cat` reads from keeps working.
+    plain = "/latest/meta-data/instance-id"
+    ex = Exchange("GET", plain, "v1")
+    assert gate("enforce").admit({"caller": lent}, request(plain), plain, ex) is True
+    assert ex.decision == "allow"
