@@ -230,3 +230,18 @@ def test_a_socket_shared_with_an_allowed_program_does_not_borrow_its_identity(sb
     assert shared and shared[0]["exe"] == os.path.join(bindir, "allowed-curl")  # the newest caller, found first
     assert "/usr/bin/python3" in shared[0]["shared_with"][0]
     assert shared[0]["decision"] == "deny" and "shared with" in shared[0]["reason"]
+
+
+def test_a_shell_scripts_dev_tcp_connection_read_by_cat_still_reads_instance_metadata(sbx: Sandbox) -> None:
+    """bash opens the connection and its children (sleep, cat) inherit it: whichever of them the agent finds
+    holding the socket, instance metadata is allowed to all by the default and credentials to none."""
+    agent = AgentProcess(sbx, mode="enforce").start()
+    script = ('exec 3<>/dev/tcp/169.254.169.254/80; sleep 0.3; '
+              'printf "GET %s HTTP/1.0\\r\\nHost: 169.254.169.254\\r\\n\\r\\n" "$1" >&3; cat <&3')  # fmt: skip
+    try:
+        out = sbx.run(["/bin/bash", "-c", script, "bash", "/latest/meta-data/instance-id"], uid=APP).stdout
+        assert out.startswith("HTTP/1.1 200") and out.rstrip().endswith(("i-0e1a2b3c4d5e6f708",)), out
+        out = sbx.run(["/bin/bash", "-c", script, "bash", CREDS], uid=APP).stdout
+        assert out.startswith("HTTP/1.1 403"), out
+    finally:
+        agent.stop()
