@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 def deny_message(caller: Caller, path: str, decision: Decision) -> str:
     """The body of a 403: enough for the caller's operator to find the rule, nothing secret."""
     who = f"exe={caller.exe} uid={caller.uid}" if caller.known else f"unidentified caller uid={caller.uid}"
+    if caller.known and not caller.exe_verified:
+        who += " (not the host's file at that path: a container's, or replaced since the process started)"
     return f"denied: {who} path={path} by {decision.decided_by}: {decision.reason}"
 
 

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from .. import subproc
 from .agentproc import AGENT_UID, AgentProcess
 from .netns import Sandbox
 
@@ -80,6 +81,33 @@ def redact(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProces
     return subprocess.CompletedProcess(proc.args, proc.returncode, json.dumps(doc) + sep + code, proc.stderr)
 
 
+def impostor(sbx: Sandbox, path: str, url: str) -> subprocess.CompletedProcess[str]:
+    """Run curl as APP_UID under ``path`` from a private mount namespace where /usr/bin/curl is mounted over that
+    path, as a host-network container can show its own file under any name."""
+    base = os.path.join(sbx.workdir, "mnt")
+    ns = os.path.join(base, "ns")
+    os.makedirs(base)
+    open(ns, "w").close()  # noqa: SIM115 - a mount point for the namespace file
+    steps = [
+        ["mount", "--bind", base, base],
+        ["mount", "--make-private", base],  # unshare can pin a namespace only on a private mount
+        ["unshare", f"--mount={ns}", "--propagation", "private", "true"],
+        ["nsenter", f"--mount={ns}", "mount", "--bind", "/usr/bin/curl", path],
+    ]
+    try:
+        for argv in steps:
+            # In this mount namespace, not through the sandbox: `ip netns exec` gives each command a new one.
+            subproc.run(argv, check=True)
+        as_app = ["setpriv", f"--reuid={APP_UID}", f"--regid={APP_UID}", "--clear-groups"]
+        request = ["-s", "-S", "--max-time", "5", "-w", "\n%{http_code}", url]
+        # Into that mount namespace first, then the sandbox's network namespace (the other order is refused).
+        enter = ["nsenter", f"--mount={ns}", "ip", "netns", "exec", sbx.host_ns]
+        return subproc.run([*enter, *as_app, path, *request], timeout=10, check=False)
+    finally:
+        for target in (ns, base):
+            subproc.run(["umount", target], check=False)
+
+
 def counters(sbx: Sandbox) -> dict[str, int]:
     c = sbx.emulator_control.counters()
     return {k: c[k] for k in ("requests", "tokenless", "with_token", "token_puts", "unauthorized") if k in c}
@@ -140,6 +168,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             proc = curl(sbx, NOBODY, BASE + ROLE_PATH, "-A", "amazon-ssm-agent/3.3.1802.0")
             code = show(f"uid {NOBODY}: /usr/bin/curl pretending to be amazon-ssm-agent (User-Agent)", proc)
             expect(code == "403", "a faked User-Agent changes nothing")
+
+            say("Denied: an impostor at the exporter's path, from a mount namespace of its own")
+            code = show(
+                f"uid {APP_UID}: {exporter}, which in its namespace is /usr/bin/curl mounted over that path",
+                impostor(sbx, exporter, BASE + ROLE_PATH),
+            )
+            expect(code == "403", "the path is not enough: the running file must be the one the rule names")
 
             say("An IMDSv2 client passes through untouched")
             put = curl(sbx, APP_UID, BASE + "/api/token", "-X", "PUT", "-H", "X-aws-ec2-metadata-token-ttl-seconds: 60")

@@ -91,3 +91,11 @@ def test_a_shared_connection_is_allowed_only_what_every_holder_may_have() -> Non
     ex = Exchange("GET", plain, "v1")
     assert gate("enforce").admit({"caller": lent}, request(plain), plain, ex) is True
     assert ex.decision == "allow"
+
+
+def test_the_403_says_when_the_path_did_not_lead_to_the_hosts_file() -> None:
+    impostor = dataclasses.replace(CURL, exe_verified=False)
+    ex = Exchange("GET", CREDS, "v1")
+    with pytest.raises(HttpError) as info:
+        gate("enforce").admit({"caller": impostor}, request(CREDS), CREDS, ex)
+    assert "exe=/usr/bin/curl uid=1000 (not the host's file at that path" in info.value.message
