@@ -70,7 +70,12 @@ def load_file(path: str) -> list[Rule]:
 def _strings(doc: yamlsrc.Document, kp: yamlsrc.KeyPath, value: Any) -> tuple[str, ...]:
     values = value if isinstance(value, list) else [value]
     if not values or not all(isinstance(v, str) and v for v in values):
-        raise doc.error(kp, "must be a non-empty string or a list of them")
+        hint = (
+            " (YAML read a bare value as a number: quote it)"
+            if any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            else ""
+        )
+        raise doc.error(kp, f"must be a non-empty string or a list of them{hint}")
     return tuple(values)
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from imds_agent.errors import ConfigError
 from imds_agent.identity.caller import Caller
 from imds_agent.policy.engine import decide
 from imds_agent.policy.loader import load_policy
@@ -59,3 +60,18 @@ def test_only_rules_for_containerised_agents_match_files_that_are_not_the_hosts(
 def test_examples_file_is_all_comments(policy: Policy) -> None:
     assert not any(r.source.endswith("90-examples.yaml") for r in policy.rules)
     assert len(policy.files) == 8
+
+
+def test_the_commented_examples_load_once_uncommented(tmp_path: Path) -> None:
+    lines = (RULES / "90-examples.yaml").read_text().splitlines()
+    body = [line[2:] for line in lines if line.startswith(("# rules:", "#   "))]
+    (tmp_path / "90-examples.yaml").write_text("\n".join(body) + "\n")
+    examples = load_policy(str(tmp_path))
+    assert len(examples.rules) >= 5 and any(r.in_containers for r in examples.rules)
+    assert all(r.source.startswith(str(tmp_path)) for r in examples.rules)
+
+
+def test_an_unquoted_numeric_hash_gets_a_hint(tmp_path: Path) -> None:
+    (tmp_path / "50-x.yaml").write_text("rules:\n  - exe: /opt/x\n    sha256: " + "1" * 64 + "\n")
+    with pytest.raises(ConfigError, match="quote it"):
+        load_policy(str(tmp_path))
