@@ -207,6 +207,8 @@ def _convert(value: Any, default: Any, doc: yamlsrc.Document, keypath: yamlsrc.K
             raise doc.error(keypath, f"must be a number, got {value!r}")
         return float(value)
     if isinstance(default, str) or default is None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise doc.error(keypath, f"must be a string, got the number {value!r} (quote it: '{value}')")
         if not isinstance(value, str):
             raise doc.error(keypath, f"must be a string, got {value!r}")
         return value

@@ -65,6 +65,7 @@ def test_values_are_read(tmp_path: Path) -> None:
         ("mode: audit\nmode: enforce\n", 2, "mode", "duplicate key"),
         ("listen: 8775\n", 1, "listen", "must be a mapping"),
         ("upstream: {connect_timeout: 0}\n", 1, "upstream.connect_timeout", "> 0"),
+        ("user: 998\n", 1, "user", "quote it: '998'"),
         ("listen:\n  port: 9000\n  addresses: [127.0.0.1]\n", 3, "listen.addresses", "must include ::1"),
         ("redirect: {ipv6: false}\nlisten: {addresses: ['::1']}\n", 2, "listen.addresses", "include 127.0.0.1"),
     ],
