@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -63,7 +64,8 @@ class Inventory:
         self.state_dir = state_dir
         self.path = os.path.join(state_dir, FILENAME)
         self._lock = threading.Lock()
-        self._entries: dict[Key, Entry] = {}
+        # Least recently seen first, so that eviction at the bound is O(1) rather than a scan of every entry.
+        self._entries: OrderedDict[Key, Entry] = OrderedDict()
         self._dirty = False
         self.evicted = 0
 
@@ -77,8 +79,7 @@ class Inventory:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read the inventory: {exc}", path=self.path) from None
         with self._lock:
-            for item in doc.get("entries", []):
-                entry = Entry(**item)
+            for entry in sorted((Entry(**item) for item in doc.get("entries", [])), key=lambda e: e.last_seen):
                 self._entries[self._key(entry)] = entry
         return self
 
@@ -94,13 +95,13 @@ class Inventory:
             entry = self._entries.get(key)
             if entry is None:
                 if len(self._entries) >= MAX_ENTRIES:
-                    oldest = min(self._entries, key=lambda k: self._entries[k].last_seen)
-                    del self._entries[oldest]
+                    self._entries.popitem(last=False)
                     self.evicted += 1
                 self._entries[key] = Entry(key[0], uid, user, cls, imds, decision, 1, when, when, exe_verified)
             else:
                 entry.count += 1
                 entry.last_seen = max(entry.last_seen, when)
+                self._entries.move_to_end(key)
             self._dirty = True
             return entry is None
 

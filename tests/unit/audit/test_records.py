@@ -117,6 +117,9 @@ def test_inventory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         inv.add(f"/tmp/run-{n}", 1000, "app", "meta-data", "v1", "allow", float(n))
     assert sorted(e.exe for e in inv.entries()) == ["/tmp/run-2", "/tmp/run-3", "/tmp/run-4"]
     assert inv.evicted == 2
+    inv.add("/tmp/run-2", 1000, "app", "meta-data", "v1", "allow", 5.0)  # seen again: now the most recent
+    inv.add("/tmp/run-5", 1000, "app", "meta-data", "v1", "allow", 6.0)
+    assert sorted(e.exe for e in inv.entries()) == ["/tmp/run-2", "/tmp/run-4", "/tmp/run-5"]
 
 
 def test_report_table_has_aligned_columns_and_the_last_seen_time() -> None:
@@ -164,3 +167,20 @@ def test_inventories_saved_before_exe_verification_load_as_host_files(tmp_path: 
     (tmp_path / "inventory.json").write_text(json.dumps({"version": 1, "entries": [old]}))
     (entry,) = Inventory(str(tmp_path)).load().entries()
     assert entry.exe_verified is True and entry.count == 3
+
+
+def test_a_loaded_inventory_evicts_by_last_seen_whatever_order_the_file_had(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imds_agent.audit import inventory as inv_mod
+
+    def entry(exe: str, last: float) -> dict[str, object]:
+        return {"exe": exe, "uid": 0, "user": "root", "path_class": "meta-data", "imds": "v1", "decision": "allow",
+                "count": 1, "first_seen": 0.0, "last_seen": last}  # fmt: skip
+
+    entries = [entry("/new", 30.0), entry("/old", 10.0), entry("/mid", 20.0)]
+    (tmp_path / "inventory.json").write_text(json.dumps({"version": 1, "entries": entries}))
+    monkeypatch.setattr(inv_mod, "MAX_ENTRIES", 3)
+    inv = Inventory(str(tmp_path)).load()
+    inv.add("/newest", 0, "root", "meta-data", "v1", "allow", 40.0)
+    assert sorted(e.exe for e in inv.entries()) == ["/mid", "/new", "/newest"]
