@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from typing import Optional
 
@@ -63,7 +64,9 @@ class Identifier:
         for other_pid in self.index.relatives_holding(caller.pid, inode, uid):
             other = self.index.describe(other_pid)
             if not other.known:
-                return Caller.unknown(f"socket shared with pid {other_pid}, which {other.reason}", uid=uid)
+                if not os.path.exists(f"{self.index.proc}/{other_pid}"):
+                    continue  # it has exited since: it can no longer read the answer
+                return Caller.unknown(f"socket shared with an unidentifiable process: {other.reason}", uid=uid)
             if (other.exe, other.uid, other.exe_verified) != (caller.exe, caller.uid, caller.exe_verified):
                 sharers.append(other)
         return dataclasses.replace(caller, sharers=tuple(sharers)) if sharers else caller

@@ -1,0 +1,64 @@
+"""Who holds a connection's socket besides the process found first, and what that does to the Caller."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from imds_agent.identity.caller import Caller
+from imds_agent.identity.resolver import Identifier
+
+CURL = Caller(True, 30, "/usr/bin/curl", 1000, "app", ("curl",))
+PY = Caller(True, 20, "/usr/bin/python3.11", 1000, "app", ("python3",))
+
+
+class Owner:
+    inode, uid = 555, 1000
+
+
+class FakeLookup:
+    def owner(self, peer: object, dialled: object) -> Owner:
+        return Owner()
+
+    def close(self) -> None:
+        pass
+
+
+class FakeIndex:
+    def __init__(self, proc: Path, described: dict[int, Caller], holders: list[int]):
+        self.proc = str(proc)
+        self.described = described
+        self.holders = holders
+
+    def find_pid(self, inode: int, uid: int) -> int:
+        return 30
+
+    def describe(self, pid: int) -> Caller:
+        return self.described[pid]
+
+    def relatives_holding(self, pid: int, inode: int, uid: int) -> list[int]:
+        return self.holders
+
+
+def identify(tmp_path: Path, described: dict[int, Caller], holders: list[int]) -> Caller:
+    index = FakeIndex(tmp_path, {30: CURL, **described}, holders)
+    ident = Identifier(lookup=FakeLookup(), index=index)  # type: ignore[arg-type]
+    return ident.identify(("127.0.0.1", 40000), ("127.0.0.1", 8775), ("169.254.169.254", 80))
+
+
+def test_holders_running_the_same_program_are_not_sharers(tmp_path: Path) -> None:
+    twin = Caller(True, 31, "/usr/bin/curl", 1000, "app", ("curl",))
+    assert identify(tmp_path, {31: twin}, [31]) == CURL
+
+
+def test_a_holder_running_another_program_is_recorded(tmp_path: Path) -> None:
+    caller = identify(tmp_path, {20: PY}, [20])
+    assert caller.exe == "/usr/bin/curl" and caller.sharers == (PY,)
+
+
+def test_a_holder_that_exited_meanwhile_is_ignored_but_an_unreadable_one_is_not(tmp_path: Path) -> None:
+    gone = Caller.unknown("process 20 exited before it could be identified")
+    assert identify(tmp_path, {20: gone}, [20]) == CURL  # no /proc/20 in this fake tree
+    (tmp_path / "20").mkdir()
+    unreadable = Caller.unknown("process 20 cannot be read: AccessDenied")
+    caller = identify(tmp_path, {20: unreadable}, [20])
+    assert not caller.known and "unidentifiable" in caller.reason and caller.uid == 1000
