@@ -173,7 +173,7 @@ class Agent:
 
     def _record(self, conn: Connection, ex: Exchange) -> None:
         caller: Caller = conn.context.get("caller") or Caller.unknown("connection was not identified")
-        path = ex.path.display if ex.path is not None else ex.target[:200]
+        path = ex.shown_path
         record = AuditRecord(
             time=time.time(),
             mode=self.mode,

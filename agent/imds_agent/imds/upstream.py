@@ -26,6 +26,9 @@ from ..config import UpstreamConfig
 from ..errors import UpstreamError
 
 log = logging.getLogger(__name__)
+# urllib3 logs each request's full URL at DEBUG, query string included, and a client may put anything there:
+# the agent never lets it below INFO, whatever the root logger says.
+logging.getLogger("urllib3").setLevel(logging.INFO)
 
 Headers = list[tuple[str, str]]
 

@@ -62,6 +62,12 @@ class Exchange:
     reason: str = ""
     path: Optional[MetadataPath] = None
 
+    @property
+    def shown_path(self) -> str:
+        """The path as logs and records show it: normalized when it could be, never the query string (a client
+        may put anything there, secrets included)."""
+        return self.path.display if self.path is not None else self.target.partition("?")[0][:200]
+
 
 class Gate(Protocol):
     """Decides whether a request may be forwarded (policy, SSRF guard); see proxy/gate.py."""
@@ -153,7 +159,7 @@ class Forwarder:
         if any(req.has(name) for name in RELAY_HEADERS):
             # Relayed by something on this host (a proxy turned SSRF vector): let the metadata service decide.
             ex.relayed = True
-            log.warning("tokenless request carrying proxy headers for %s: forwarded without a token", target)
+            log.warning("tokenless request carrying proxy headers for %s: forwarded without a token", ex.shown_path)
             return self.upstream.request(req.method, target, headers)
         if not inject:
             # The policy says this caller must speak IMDSv2 itself: let the metadata service answer it.
