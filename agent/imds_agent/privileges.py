@@ -66,14 +66,16 @@ def resolve_user(user: str, source: str | None = None) -> Account:
     return Account(entry.pw_uid, entry.pw_gid, entry.pw_name)
 
 
+def _cap_sets() -> dict[str, int]:
+    """The calling thread's capability sets as masks, by their /proc name (CapInh, CapPrm, CapEff, ...)."""
+    with open("/proc/thread-self/status", encoding="ascii") as fh:
+        return {line[:6]: int(line.split()[1], 16) for line in fh if line.startswith("Cap")}
+
+
 def effective_caps() -> set[int]:
     """The calling thread's effective capabilities, read from /proc."""
-    with open("/proc/thread-self/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("CapEff:"):
-                mask = int(line.split()[1], 16)
-                return {bit for bit in range(64) if mask >> bit & 1}
-    return set()
+    mask = _cap_sets().get("CapEff", 0)
+    return {bit for bit in range(64) if mask >> bit & 1}
 
 
 def caps_for(backend: str | None) -> tuple[int, ...]:
@@ -129,11 +131,7 @@ def limit_to(keep: tuple[int, ...]) -> None:
     Lowering the permitted and inheritable sets also clears those capabilities from the ambient set, so the
     helper processes the agent starts get no more than it kept. Only ever removes capabilities.
     """
-    sets: dict[str, int] = {}
-    with open("/proc/thread-self/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith(("CapPrm:", "CapEff:", "CapInh:")):
-                sets[line[:6]] = int(line.split()[1], 16)
+    sets = _cap_sets()
     keep_mask = _mask(keep)
     surplus = sets["CapPrm"] & ~keep_mask
     if not surplus:

@@ -12,6 +12,8 @@ import pytest
 from imds_agent.sandbox.agentproc import AGENT_UID, AgentProcess
 from imds_agent.sandbox.netns import Sandbox, wait_for
 
+from .capsets import held_caps
+
 pytestmark = pytest.mark.privileged
 NOBODY = 65534
 V4 = "http://169.254.169.254/latest/meta-data/instance-id"
@@ -28,20 +30,10 @@ def curl(sbx: Sandbox, url: str, uid: int = NOBODY) -> str:
     return sbx.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", url], uid=uid).stdout
 
 
-CAP_BITS = {"dac_read_search": 2, "net_admin": 12, "net_raw": 13, "sys_ptrace": 19}
-
-
 def proc_status(agent: AgentProcess) -> dict[str, str]:
     assert agent.proc is not None
     with open(f"/proc/{agent.proc.pid}/status", encoding="ascii") as fh:
         return dict(line.rstrip("\n").split(":\t", 1) for line in fh)
-
-
-def held_caps(mask: str) -> set[str]:
-    bits = int(mask, 16)
-    held = {name for name, bit in CAP_BITS.items() if bits >> bit & 1}
-    assert bits == sum(1 << CAP_BITS[name] for name in held), f"capabilities beyond the known four: {mask}"
-    return held
 
 
 def rules_state(agent: AgentProcess) -> dict[str, object]:

@@ -18,13 +18,13 @@ import pytest
 
 from imds_agent.sandbox.netns import Sandbox, wait_for
 
+from .capsets import held_caps
 from .nspawn import Container, booted
 from .packages import build, overlay_root, ssm_script, systemd_root
 
 pytestmark = pytest.mark.privileged
 UNIT = "imds-agent.service"
 CREDS = "http://169.254.169.254/latest/meta-data/iam/security-credentials/"
-CAP_BITS = {"dac_read_search": 2, "net_admin": 12, "net_raw": 13, "sys_ptrace": 19}
 
 
 def curl_as_nobody(ct: Container, url: str = CREDS) -> str:
@@ -38,13 +38,6 @@ def main_status(ct: Container) -> dict[str, str]:
     assert pid != "0", ct.journal(UNIT)
     text = ct.run("cat", f"/proc/{pid}/status").stdout
     return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
-
-
-def held(mask: str) -> set[str]:
-    bits = int(mask, 16)
-    names = {name for name, bit in CAP_BITS.items() if bits >> bit & 1}
-    assert bits == sum(1 << CAP_BITS[n] for n in names), f"unexpected capabilities in {mask}"
-    return names
 
 
 def active(ct: Container) -> bool:
@@ -74,7 +67,7 @@ def test_the_packaged_unit_under_systemd(tmp_path: Path) -> None:
             # The unit grants CAP_NET_RAW for iptables hosts; on this nftables host the agent gave it up, which
             # needs capset to pass the unit's filter.
             for key in ("CapEff", "CapPrm", "CapAmb"):
-                assert held(status[key]) == {"net_admin", "sys_ptrace", "dac_read_search"}, key
+                assert held_caps(status[key]) == {"net_admin", "sys_ptrace", "dac_read_search"}, key
 
             # A v1 client as another uid gets the credentials; the service saw no tokenless request.
             out = curl_as_nobody(ct)

@@ -7,7 +7,7 @@ IMDSv1 share, denials, upstream failures and rule repairs.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 
 @dataclass(frozen=True)
@@ -27,24 +27,24 @@ class Tally:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._counts = [0] * 6
+        self._counts = dict.fromkeys((f.name for f in fields(Totals)), 0)
 
     def add(self, kind: str, decision: str, status: int, identified: bool) -> None:
         """Count one request: its kind (v1, v2, token, invalid), decision, status sent and whether the caller
         was identified."""
         with self._lock:
             c = self._counts
-            c[0] += 1
-            c[1] += kind == "v1"
-            c[2] += decision == "deny"
-            c[3] += decision == "would-deny"
-            c[4] += status in (502, 504)
-            c[5] += not identified
+            c["requests"] += 1
+            c["imdsv1"] += kind == "v1"
+            c["denied"] += decision == "deny"
+            c["would_deny"] += decision == "would-deny"
+            c["upstream_errors"] += status in (502, 504)
+            c["unidentified"] += not identified
 
     def totals(self) -> Totals:
         """The counters as they are now."""
         with self._lock:
-            return Totals(*self._counts)
+            return Totals(**self._counts)
 
 
 def status_line(mode: str, totals: Totals, repairs: int) -> str:

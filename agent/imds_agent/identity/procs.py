@@ -26,6 +26,7 @@ PROC = "/proc"
 RECENT_PIDS = 256
 DESCRIBED = 1024
 MAX_RELATIVES = 64  # how many related processes a shared-socket check visits at most
+PPID, START_TICKS = 1, 19  # /proc/PID/stat fields 4 and 22, counted from the state field
 _CONTAINER = re.compile(r"(?:docker-|cri-containerd-|crio-|libpod-|/docker/|/kubepods/.*/)([0-9a-f]{64})")
 _UNIT = re.compile(r"/([^/]+\.(?:service|scope))(?:/|$)")
 
@@ -52,13 +53,27 @@ def holds_socket(pid: int, target: str, proc: str = PROC) -> bool:
 
 
 def pids_of_uid(uid: int, proc: str = PROC) -> Iterator[int]:
-    """Pids whose /proc entry belongs to ``uid`` (the effective uid, as /proc shows it for ordinary processes)."""
-    for pid in all_pids(proc):
-        try:
-            if os.stat(f"{proc}/{pid}").st_uid == uid:
-                yield pid
-        except OSError:
-            continue
+    """Pids whose /proc entry belongs to ``uid``."""
+    return (pid for pid in all_pids(proc) if owner_of(pid, proc) == uid)
+
+
+def owner_of(pid: int, proc: str = PROC) -> Optional[int]:
+    """The uid owning /proc/PID (the effective uid, for ordinary processes), or None if it is gone."""
+    try:
+        return os.stat(f"{proc}/{pid}").st_uid
+    except OSError:
+        return None
+
+
+def stat_field(pid: int, index: int, proc: str = PROC) -> Optional[int]:
+    """Field ``index`` (counted from the state, field 3, as 0) of /proc/PID/stat, read directly: this runs for
+    every connection. None if the process is gone."""
+    try:
+        with open(f"{proc}/{pid}/stat", "rb") as fh:
+            data = fh.read()
+        return int(data[data.rindex(b")") + 2 :].split()[index])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def all_pids(proc: str = PROC) -> Iterator[int]:
@@ -134,8 +149,8 @@ class ProcessIndex:
         seen = {pid}
         ancestor = pid
         for _ in range(MAX_RELATIVES):
-            ancestor = self._ppid(ancestor)
-            if ancestor <= 1 or ancestor in seen or self._uid(ancestor) != uid:
+            ancestor = stat_field(ancestor, PPID, self.proc) or 0
+            if ancestor <= 1 or ancestor in seen or owner_of(ancestor, self.proc) != uid:
                 break
             seen.add(ancestor)
             if holds_socket(ancestor, target, self.proc):
@@ -143,27 +158,13 @@ class ProcessIndex:
         queue = [pid]
         while queue and len(seen) < MAX_RELATIVES:
             for child in self._children(queue.pop()):
-                if child in seen or self._uid(child) != uid:
+                if child in seen or owner_of(child, self.proc) != uid:
                     continue
                 seen.add(child)
                 queue.append(child)
                 if holds_socket(child, target, self.proc):
                     found.append(child)
         return found
-
-    def _ppid(self, pid: int) -> int:
-        try:
-            with open(f"{self.proc}/{pid}/stat", "rb") as fh:
-                data = fh.read()
-            return int(data[data.rindex(b")") + 2 :].split()[1])
-        except (OSError, ValueError, IndexError):
-            return 0
-
-    def _uid(self, pid: int) -> Optional[int]:
-        try:
-            return os.stat(f"{self.proc}/{pid}").st_uid
-        except OSError:
-            return None
 
     def _children(self, pid: int) -> list[int]:
         """Children of every thread of ``pid`` (/proc/PID/task/TID/children)."""
@@ -180,21 +181,10 @@ class ProcessIndex:
                 continue
         return out
 
-    def _start_ticks(self, pid: int) -> Optional[int]:
-        """The process's start time in clock ticks from /proc/PID/stat (field 22): with the pid, a unique key.
-
-        Read directly because this runs for every connection; psutil is only needed when the key is new.
-        """
-        try:
-            with open(f"{self.proc}/{pid}/stat", "rb") as fh:
-                data = fh.read()
-            return int(data[data.rindex(b")") + 2 :].split()[19])
-        except (OSError, ValueError, IndexError):
-            return None
-
     def describe(self, pid: int) -> Caller:
         """The Caller for ``pid``; ``unknown`` when it vanished or cannot be read (never a guess)."""
-        ticks = self._start_ticks(pid)
+        # The start time in clock ticks: with the pid, a unique key; psutil is needed only when the key is new.
+        ticks = stat_field(pid, START_TICKS, self.proc)
         if ticks is None:
             return Caller.unknown(f"process {pid} exited before it could be identified")
         key = (pid, float(ticks))

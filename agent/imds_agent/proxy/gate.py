@@ -42,8 +42,6 @@ class AccessGate:
         self.identifier = identifier or Identifier()
         self.hasher = ExeHasher()
         self._swap = threading.Lock()
-        self.denied = 0
-        self.would_deny = 0
 
     def replace(self, mode: str, policy: Policy) -> None:
         """Switch mode and policy together (SIGHUP); requests in flight finish under what they started with."""
@@ -90,8 +88,6 @@ class AccessGate:
         shown = decision.path.display if decision.path is not None else target
         if mode == "enforce":
             ex.decision = "deny"
-            self.denied += 1
             raise HttpError(403, deny_message(caller, shown, decision))
         ex.decision = "would-deny"
-        self.would_deny += 1
         return decision.inject
