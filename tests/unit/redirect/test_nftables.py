@@ -1,0 +1,279 @@
+"""The nftables backend without a kernel: netlink encoding, the expression round trip, the batch it sends, and the
+differences it reports between our table and a spec. No netlink socket is opened: a fake stands in for it."""
+
+from __future__ import annotations
+
+import errno
+import struct
+from typing import Any, Optional
+
+import pytest
+from pyroute2.netlink.nfnetlink.nftsocket import (
+    NFT_MSG_DELTABLE,
+    NFT_MSG_NEWCHAIN,
+    NFT_MSG_NEWRULE,
+    NFT_MSG_NEWTABLE,
+    nft_chain_msg,
+    nft_rule_msg,
+    nft_table_msg,
+)
+
+from imds_agent.errors import RedirectError
+from imds_agent.redirect import nftrules
+from imds_agent.redirect.base import RedirectSpec, State
+from imds_agent.redirect.nftables import (
+    NFT_TABLE_F_OWNER,
+    NftablesBackend,
+    _expr_from_netlink,
+    _expr_to_netlink,
+)
+
+SPEC = RedirectSpec(exempt_uid=990, listen_port=8775)
+NFTABLES = 10  # NFNL_SUBSYS_NFTABLES
+REQUEST, ACK, CREATE_APPEND = 0x1, 0x4, 0x400 | 0x800
+
+
+def decoded(cls: Any, data: bytes) -> Any:
+    msg = cls(data)
+    msg.decode()
+    return msg
+
+
+def rule_message(exprs: list[Any], backend: Optional[NftablesBackend] = None) -> Any:
+    """A rule as the kernel would report it: encoded by the backend, decoded by pyroute2."""
+    expressions = [_expr_to_netlink(name, attrs) for name, attrs in exprs]
+    attrs = [
+        ("NFTA_RULE_TABLE", nftrules.TABLE),
+        ("NFTA_RULE_CHAIN", nftrules.CHAIN),
+        ("NFTA_RULE_EXPRESSIONS", expressions),
+    ]
+    return decoded(nft_rule_msg, (backend or NftablesBackend())._encode(nft_rule_msg, NFT_MSG_NEWRULE, attrs, 0))
+
+
+def chain_message(kind: str = "nat", priority: int = nftrules.PRIORITY, name: str = nftrules.CHAIN) -> Any:
+    hook = {"attrs": [("NFTA_HOOK_HOOKNUM", 3), ("NFTA_HOOK_PRIORITY", priority)]}
+    attrs = [
+        ("NFTA_CHAIN_TABLE", nftrules.TABLE),
+        ("NFTA_CHAIN_NAME", name),
+        ("NFTA_CHAIN_HOOK", hook),
+        ("NFTA_CHAIN_TYPE", kind),
+    ]
+    return decoded(nft_chain_msg, NftablesBackend()._encode(nft_chain_msg, NFT_MSG_NEWCHAIN, attrs, 0))
+
+
+def table_message(flags: int) -> Any:
+    attrs = [("NFTA_TABLE_NAME", nftrules.TABLE), ("NFTA_TABLE_FLAGS", flags)]
+    return decoded(nft_table_msg, NftablesBackend()._encode(nft_table_msg, NFT_MSG_NEWTABLE, attrs, 0))
+
+
+# --- encoding -----------------------------------------------------------------------------------------------------
+
+
+def test_encode_sets_subsystem_type_flags_family_and_a_fresh_sequence_number() -> None:
+    backend = NftablesBackend()
+    first = backend._encode(nft_table_msg, NFT_MSG_NEWTABLE, [("NFTA_TABLE_NAME", "imds_agent")], ACK)
+    second = backend._encode(nft_table_msg, NFT_MSG_DELTABLE, [("NFTA_TABLE_NAME", "imds_agent")], ACK)
+    length, msg_type, flags, seq, _ = struct.unpack_from("=IHHII", first)
+    assert (length, msg_type, flags, seq) == (len(first), NFTABLES << 8 | NFT_MSG_NEWTABLE, REQUEST | ACK, 1)
+    assert struct.unpack_from("=IHHII", second)[1:4] == (NFTABLES << 8 | NFT_MSG_DELTABLE, REQUEST | ACK, 2)
+    msg = decoded(nft_table_msg, first)
+    assert (msg["nfgen_family"], msg.get_attr("NFTA_TABLE_NAME")) == (1, "imds_agent")  # NFPROTO_INET
+
+
+def test_batch_marker_is_a_bare_nfgenmsg_addressed_to_nftables() -> None:
+    backend = NftablesBackend()
+    backend._seq = 6
+    # length 20, type BATCH_BEGIN, flags REQUEST, seq 7, pid 0; family AF_UNSPEC, version 0, res_id (big endian)
+    assert backend._batch_marker(0x10) == struct.pack("=IHHII", 20, 0x10, REQUEST, 7, 0) + b"\0\0\x00\x0a"
+    assert struct.unpack_from("=IHHII", backend._batch_marker(0x11))[1:4] == (0x11, REQUEST, 8)
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_expressions_survive_the_netlink_round_trip(family: str) -> None:
+    exprs = nftrules.expected_rules(SPEC)[family]
+    back = [_expr_from_netlink(e) for e in rule_message(exprs).get_attr("NFTA_RULE_EXPRESSIONS")]
+    assert [expr for expr, _ in back] == exprs
+    assert [counters for _, counters in back if counters is not None] == [(0, 0)]
+
+
+def test_counter_values_come_back_as_packets_then_bytes() -> None:
+    values = {"attrs": [("NFTA_COUNTER_BYTES", 4200), ("NFTA_COUNTER_PACKETS", 70)]}
+    counter = {"attrs": [("NFTA_EXPR_NAME", "counter"), ("NFTA_EXPR_DATA", values)]}
+    attrs = [("NFTA_RULE_TABLE", nftrules.TABLE), ("NFTA_RULE_EXPRESSIONS", [counter])]
+    msg = decoded(nft_rule_msg, NftablesBackend()._encode(nft_rule_msg, NFT_MSG_NEWRULE, attrs, 0))
+    (expr,) = msg.get_attr("NFTA_RULE_EXPRESSIONS")
+    assert _expr_from_netlink(expr) == (["counter", {}], (70, 4200))
+
+
+def test_kernel_enum_names_map_back_to_the_rule_vocabulary() -> None:
+    exprs = nftrules.rule_exprs("ipv6", "fd00:ec2::254", 80, 0, "::1", 9000)
+    (_, payload), (_, nat) = exprs[4], exprs[-1]
+    data = _expr_to_netlink("payload", payload)["attrs"][1][1]["attrs"]
+    assert ("NFTA_PAYLOAD_BASE", 1) in data and ("NFTA_PAYLOAD_OFFSET", 24) in data  # network header, daddr
+    data = _expr_to_netlink("nat", nat)["attrs"][1][1]["attrs"]
+    assert ("NFTA_NAT_TYPE", 1) in data and ("NFTA_NAT_FAMILY", 10) in data  # NFT_NAT_DNAT, NFPROTO_IPV6
+
+
+def test_messages_splits_a_buffer_on_aligned_lengths_and_stops_at_a_truncated_header() -> None:
+    one = struct.pack("=IHHII", 18, 2, 0, 5, 0) + b"ab"  # 18 bytes, padded to 20 on the wire
+    two = struct.pack("=IHHII", 16, 3, 0, 6, 0)
+    data = one + b"\0\0" + two + b"\x01\x02"
+    assert list(NftablesBackend()._messages(data)) == [(2, 5, one), (3, 6, two)]
+    assert list(NftablesBackend()._messages(struct.pack("=IHHII", 4, 2, 0, 1, 0))) == []
+
+
+# --- the batch ------------------------------------------------------------------------------------------------------
+
+
+class FakeNetlink:
+    """Acknowledges every message of a batch (or refuses one of them with ``refuse=(index, errno)``)."""
+
+    def __init__(self, refuse: Optional[tuple[int, int]] = None):
+        self.refuse = refuse
+        self.sent: list[tuple[int, int, int, bytes]] = []
+        self.answers: list[bytes] = []
+
+    def send(self, data: bytes) -> int:
+        offset = 0
+        while offset < len(data):
+            length, msg_type, flags, seq, _ = struct.unpack_from("=IHHII", data, offset)
+            self.sent.append((msg_type, flags, seq, data[offset : offset + length]))
+            offset += (length + 3) & ~3
+        acks = b""
+        for index, (_, _, seq, raw) in enumerate(self.sent[1:-1]):
+            code = self.refuse[1] if self.refuse and self.refuse[0] == index else 0
+            acks += struct.pack("=IHHII", 36, 2, 0, seq, 0) + struct.pack("=i", -code) + raw[:16]
+        self.answers.append(acks)
+        return len(data)
+
+    def recv(self, size: int) -> bytes:
+        return self.answers.pop(0)
+
+
+def backend_on(sock: FakeNetlink) -> NftablesBackend:
+    backend = NftablesBackend()
+    backend._sock = sock  # type: ignore[assignment]
+    return backend
+
+
+def test_apply_sends_one_batch_replacing_the_table() -> None:
+    sock = FakeNetlink()
+    backend_on(sock).apply(SPEC, owned=True)
+    kinds = [(msg_type & 0xFF if msg_type >> 8 else msg_type) for msg_type, _, _, _ in sock.sent]
+    new_table, del_table, new_chain, new_rule = NFT_MSG_NEWTABLE, NFT_MSG_DELTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE
+    assert kinds == [0x10, new_table, del_table, new_table, new_chain, new_rule, new_rule, 0x11]
+    assert len({seq for _, _, seq, _ in sock.sent}) == len(sock.sent)
+    assert all(flags & ACK for _, flags, _, _ in sock.sent[1:-1])
+    first, owned = (decoded(nft_table_msg, sock.sent[i][3]) for i in (1, 3))
+    assert first.get_attr("NFTA_TABLE_FLAGS") is None and owned.get_attr("NFTA_TABLE_FLAGS") == NFT_TABLE_F_OWNER
+    chain = decoded(nft_chain_msg, sock.sent[4][3])
+    assert (chain.get_attr("NFTA_CHAIN_TYPE"), chain.get_attr("NFTA_CHAIN_HOOK").get_attr("NFTA_HOOK_PRIORITY")) == (
+        "nat",
+        nftrules.PRIORITY,
+    )
+    rules = [decoded(nft_rule_msg, raw) for _, _, _, raw in sock.sent[5:7]]
+    got = [[_expr_from_netlink(e)[0] for e in r.get_attr("NFTA_RULE_EXPRESSIONS")] for r in rules]
+    assert got == list(nftrules.expected_rules(SPEC).values())
+
+
+def test_an_unowned_table_is_created_without_the_owner_flag() -> None:
+    sock = FakeNetlink()
+    backend_on(sock).apply(SPEC, owned=False)
+    assert decoded(nft_table_msg, sock.sent[3][3]).get_attr("NFTA_TABLE_FLAGS") is None
+
+
+def test_a_refused_operation_is_named_in_the_error() -> None:
+    sock = FakeNetlink(refuse=(3, errno.EPERM))  # the chain
+    with pytest.raises(RedirectError, match=r"refused at add chain: Operation not permitted \(needs CAP_NET_ADMIN"):
+        backend_on(sock).apply(SPEC, owned=True)
+
+
+# --- differences ----------------------------------------------------------------------------------------------------
+
+
+def installed(spec: RedirectSpec) -> list[tuple[str, list[Any]]]:
+    """What the kernel reports for a table built from ``spec``: rules read back through netlink."""
+    out = []
+    for exprs in nftrules.expected_rules(spec).values():
+        back = [_expr_from_netlink(e)[0] for e in rule_message(exprs).get_attr("NFTA_RULE_EXPRESSIONS")]
+        out.append((nftrules.rule_family(back) or "?", back))
+    return out
+
+
+def test_a_table_built_from_the_spec_has_no_differences() -> None:
+    assert NftablesBackend._differences(SPEC, [chain_message()], installed(SPEC)) == []
+
+
+def test_attributes_the_kernel_adds_are_not_differences() -> None:
+    rules = installed(SPEC)
+    for _, exprs in rules:
+        exprs[-1][1]["flags"] = 2  # NF_NAT_RANGE_MAP_IPS, reported by the kernel
+    assert NftablesBackend._differences(SPEC, [chain_message()], rules) == []
+
+
+def test_a_missing_chain_is_reported_alone() -> None:
+    other = chain_message(name="input")
+    assert NftablesBackend._differences(SPEC, [other], installed(SPEC)) == ["chain output is missing"]
+
+
+@pytest.mark.parametrize("chain", [chain_message(kind="filter"), chain_message(priority=-100)], ids=["type", "prio"])
+def test_a_chain_of_the_wrong_type_or_priority_is_reported(chain: Any) -> None:
+    assert NftablesBackend._differences(SPEC, [chain], installed(SPEC)) == [
+        "chain output is not a nat chain at priority -150"
+    ]
+
+
+def test_a_missing_rule_is_reported() -> None:
+    v4_only = [r for r in installed(SPEC) if r[0] == "ipv4"]
+    assert NftablesBackend._differences(SPEC, [chain_message()], v4_only) == ["ipv6 rule is missing"]
+
+
+def test_a_changed_rule_is_reported_with_both_versions() -> None:
+    rules = [r for r in installed(SPEC) if r[0] == "ipv6"] + installed(RedirectSpec(exempt_uid=0, listen_port=8775))[:1]
+    (detail,) = NftablesBackend._differences(SPEC, [chain_message()], rules)
+    assert detail.startswith("ipv4 rule differs: has '")
+    assert "meta skuid != 0 " in detail and "wants '" in detail and "meta skuid != 990 " in detail
+
+
+def test_a_doubled_rule_is_reported() -> None:
+    rules = installed(SPEC)
+    assert NftablesBackend._differences(SPEC, [chain_message()], rules + rules[:1]) == [
+        "ipv4 rule is installed 2 times"
+    ]
+
+
+def test_a_rule_the_spec_does_not_want_is_reported() -> None:
+    v4_spec = RedirectSpec(exempt_uid=990, listen_port=8775, with_ipv6=False)
+    assert NftablesBackend._differences(v4_spec, [chain_message()], installed(SPEC)) == ["unexpected rules for ipv6"]
+
+
+# --- check ----------------------------------------------------------------------------------------------------------
+
+
+def backend_listing(table: Optional[Any], chains: list[Any], rules: list[Any]) -> NftablesBackend:
+    """A backend whose kernel listings return these messages."""
+    backend = NftablesBackend()
+    listings = {nft_table_msg: [table] if table is not None else [], nft_chain_msg: chains, nft_rule_msg: rules}
+    backend._dump = lambda cls, msg_type, attrs: listings[cls]  # type: ignore[method-assign]
+    return backend
+
+
+def test_check_without_our_table_is_absent() -> None:
+    result = backend_listing(None, [], []).check(SPEC)
+    assert (result.state, result.details) == (State.ABSENT, ("table inet imds_agent is missing",))
+
+
+def test_check_reads_rules_back_with_their_counters_and_ownership() -> None:
+    rules = [rule_message(exprs) for exprs in nftrules.expected_rules(SPEC).values()]
+    result = backend_listing(table_message(NFT_TABLE_F_OWNER), [chain_message()], rules).check(SPEC)
+    assert (result.state, result.details, result.owned) == (State.PRESENT, (), True)
+    assert [(r.family, r.packets, r.bytes) for r in result.rules] == [("ipv4", 0, 0), ("ipv6", 0, 0)]
+    assert result.rules[0].text == (
+        "meta l4proto tcp ip daddr 169.254.169.254 tcp dport 80 meta skuid != 990 counter dnat ip to 127.0.0.1:8775"
+    )
+
+
+def test_check_of_a_partial_table_is_partial() -> None:
+    rules = [rule_message(nftrules.expected_rules(SPEC)["ipv4"])]
+    result = backend_listing(table_message(0), [chain_message()], rules).check(SPEC)
+    assert (result.state, result.details, result.owned) == (State.PARTIAL, ("ipv6 rule is missing",), False)
