@@ -15,8 +15,9 @@ from typing import Any, Optional
 from . import __version__, privileges
 from . import config as configmod
 from .errors import EXIT_FAILURE, EXIT_OK, AgentError
-from .redirect.base import BACKENDS, Backend, RedirectSpec, State, make_backend, select_backend
-from .redirect.lifecycle import spec_for
+from .redirect.base import Backend, RedirectSpec, State
+from .redirect.lifecycle import remove_on_stop, spec_for
+from .redirect.registry import BACKEND_NAMES, make_backend, select_backend
 
 log = logging.getLogger("imds_agent")
 
@@ -118,16 +119,13 @@ def cmd_rules_apply(args: argparse.Namespace) -> int:
 def cmd_rules_remove(args: argparse.Namespace) -> int:
     """Remove the agent's rules from every backend (crash recovery, uninstall); idempotent."""
     if args.if_fail_open:
-        # The unit's ExecStopPost: only when the configuration says the service must fail open (a broken or
-        # missing configuration counts as open: the metadata service must not stay cut off by accident).
-        try:
-            if _load(args).redirect.fail_mode == "closed":
-                print("fail_mode closed: rules kept")
-                return EXIT_OK
-        except AgentError as exc:
-            print(f"cannot read the configuration ({exc}); removing the rules")
+        # The unit's ExecStopPost: only when the configuration says the service must fail open.
+        remove, why = remove_on_stop(lambda: _load(args).redirect)
+        print(why)
+        if not remove:
+            return EXIT_OK
     # No config needed: removal must work even when the configuration is broken or already gone.
-    names = [args.backend] if args.backend else list(BACKENDS)
+    names = [args.backend] if args.backend else list(BACKEND_NAMES)
     for name in names:
         backend = make_backend(name)
         if not backend.is_supported():
@@ -253,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("remove", cmd_rules_remove, "remove the agent's rules (all backends unless --backend is given)"),
     ):
         p = rsub.add_parser(action, help=text)
-        p.add_argument("--backend", choices=BACKENDS, help="backend to use (default: the configuration's)")
+        p.add_argument("--backend", choices=BACKEND_NAMES, help="backend to use (default: the configuration's)")
         if action == "show":
             p.add_argument("--json", action="store_true", help="machine-readable output")
         if action == "remove":

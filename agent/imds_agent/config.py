@@ -14,12 +14,12 @@ from typing import Any, Optional
 
 from . import yamlsrc
 from .errors import ConfigError
+from .policy.model import DEFAULT_SETTING, DEFAULTS, UNKNOWN_SETTING
+from .redirect.registry import CHOICES as BACKENDS
 
 DEFAULT_PATH = "/etc/imds-agent/agent.yaml"
 MODES = ("audit", "enforce")
-BACKENDS = ("auto", "nftables", "iptables")
 FAIL_MODES = ("open", "closed")
-POLICY_DEFAULTS = ("deny", "allow-nonsensitive", "allow")
 MAX_TOKEN_TTL = 21600
 
 
@@ -130,13 +130,13 @@ class PolicyConfig:
     """Where the allowlist lives and what happens to callers no rule matches."""
 
     dir: str = "/etc/imds-agent/policy.d"
-    default: str = "allow-nonsensitive"  # callers no rule matches
-    unknown: str = "deny"  # callers that cannot be identified (enforce mode)
+    default: str = DEFAULT_SETTING  # callers no rule matches
+    unknown: str = UNKNOWN_SETTING  # callers that cannot be identified (enforce mode)
 
     def __post_init__(self) -> None:
         for key in ("default", "unknown"):
             value = getattr(self, key)
-            _check(value in POLICY_DEFAULTS, key, f"must be one of {', '.join(POLICY_DEFAULTS)}; got {value!r}")
+            _check(value in DEFAULTS, key, f"must be one of {', '.join(DEFAULTS)}; got {value!r}")
         _check(os.path.isabs(self.dir), "dir", "must be an absolute path")
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # an unexpected error; systemd may restart
-EXIT_USAGE = 2  # argparse's own code for bad command lines
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: the configuration or policy is invalid
 EXIT_UNSUPPORTED = 69  # EX_UNAVAILABLE: the kernel or host lacks something the agent needs
 EXIT_PERMISSION = 77  # EX_NOPERM: not root / missing capabilities

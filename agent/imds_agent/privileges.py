@@ -78,11 +78,17 @@ def effective_caps() -> set[int]:
     return {bit for bit in range(64) if mask >> bit & 1}
 
 
-def caps_for(backend: str | None) -> tuple[int, ...]:
-    """The capabilities the agent keeps once it runs: CAP_NET_RAW only where the iptables backend needs it."""
-    if backend == "iptables":
-        return REQUIRED_CAPS
-    return tuple(cap for cap in REQUIRED_CAPS if cap != CAP_NET_RAW)
+#: What identification needs whatever the backend: reading other users' /proc/PID entries and fd links.
+IDENTITY_CAPS = (CAP_DAC_READ_SEARCH, CAP_SYS_PTRACE)
+
+
+def caps_for(backend_caps: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The capabilities the agent keeps once it runs: identification's, plus what the redirect backend asks for
+    (``Backend.capabilities``; None when the agent installs no redirect)."""
+    wanted = set(IDENTITY_CAPS) | set(backend_caps or ())
+    if backend_caps is None:
+        wanted.add(CAP_NET_ADMIN)  # sock_diag over netlink, even with the redirect managed elsewhere
+    return tuple(sorted(wanted))
 
 
 def missing_caps(wanted: tuple[int, ...] = REQUIRED_CAPS) -> list[str]:
@@ -174,3 +180,29 @@ def drop_to(account: Account, keep: tuple[int, ...] = REQUIRED_CAPS) -> None:
     log.info(
         "running as uid %d with %s", account.uid, ", ".join(CAP_NAMES.get(c, str(c)) for c in sorted(keep)) or "none"
     )
+
+
+def require_for_redirect() -> None:
+    """Raise PrivilegeError unless this process may install the redirect (root, or CAP_NET_ADMIN ambient)."""
+    if os.geteuid() == 0:
+        return
+    missing = missing_caps((CAP_NET_ADMIN,))
+    if missing:
+        raise PrivilegeError(
+            f"installing the redirect needs {', '.join(missing)}: run as root or with it as an ambient capability"
+        )
+
+
+def settle(account: Account, keep: tuple[int, ...]) -> None:
+    """Give up everything but ``keep``: from root, switch to ``account``; started as that user with ambient
+    capabilities (as the systemd unit does), only narrow them. Call before any thread starts."""
+    if os.geteuid() != 0:
+        missing = missing_caps(keep)
+        if missing:
+            log.warning("running without %s: some callers may not be identifiable", ", ".join(missing))
+        limit_to(keep)
+        return
+    if account.uid == 0:
+        log.warning("configured user is root: the agent keeps full privileges and root's traffic is not redirected")
+        return
+    drop_to(account, keep)

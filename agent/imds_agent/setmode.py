@@ -10,14 +10,14 @@ from __future__ import annotations
 import os
 import re
 import signal
-import tempfile
 from typing import Optional
 
 from . import config as configmod
 from . import subproc, yamlsrc
+from .atomic import write_atomically
 from .errors import AgentError, ConfigError
+from .supervisor import PIDFILE
 
-PIDFILE = "/run/imds-agent/imds-agent.pid"
 _MODE_LINE = re.compile(r"^(mode\s*:\s*)([^\s#]+)(.*)$")
 
 
@@ -38,31 +38,6 @@ def edit_mode(text: str, mode: str, path: str) -> str:
     new = "".join(lines)
     configmod.from_document(yamlsrc.parse(new, path))  # never write a file the agent would refuse
     return new
-
-
-def write_atomically(path: str, text: str) -> None:
-    """Replace ``path`` with ``text``, keeping its owner and mode (0644 for a new file)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        st: Optional[os.stat_result] = os.stat(path)
-    except FileNotFoundError:
-        st = None
-    fd, tmp = tempfile.mkstemp(prefix=".agent.yaml.", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, st.st_mode & 0o7777 if st else 0o644)
-        if st is not None and os.geteuid() == 0:
-            os.chown(tmp, st.st_uid, st.st_gid)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def reload_agent(pid: Optional[int] = None) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Optional
 
@@ -24,6 +26,18 @@ class ProcessError(AgentError):
         errors = [line for line in lines if "error" in line.lower()]
         detail = f": {(errors or lines)[-1]}" if lines else ""
         super().__init__(f"{' '.join(self.argv[:4])}{' ...' if len(self.argv) > 4 else ''} {what}{detail}")
+
+
+def python_helper_env() -> dict[str, str]:
+    """The whole environment of a helper process that runs this package's own Python code (the iptables worker,
+    the guardian): the fixed PATH, this interpreter's module path, and no bytecode written into the installed
+    tree. Nothing else of the agent's environment is passed on."""
+    return {
+        "PATH": PATH,
+        "LANG": "C",
+        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
 
 
 def run(

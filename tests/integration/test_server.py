@@ -12,24 +12,38 @@ import pytest
 
 from imds_agent.config import ListenConfig
 from imds_agent.proxy import server as servermod
-from imds_agent.proxy.handler import Exchange, Reply
-from imds_agent.proxy.httpio import Request, render_response
+from imds_agent.proxy.handler import Reply
+from imds_agent.proxy.httpio import HttpError, Request, render_response
 from imds_agent.proxy.server import ProxyServer
+from imds_agent.proxy.types import Answer, Client, Kind, Outcome
 
 
 class Echo:
     """A forwarder stand-in that answers every request with its path."""
 
-    def handle(self, req: Request, context: Optional[dict[str, Any]] = None) -> Reply:
+    def handle(self, req: Request, client: Client) -> Reply:
         data = render_response(200, "OK", [("Content-Type", "text/plain")], req.target.encode())
-        return Reply(data, False, Exchange(req.method, req.target, "v1", status=200))
+        return Reply(data, False, Answer(0.0, "audit", client, req.method, req.target, Kind.V1, 200, Outcome.ALLOW))
+
+    def refusal(self, client: Client, error: HttpError, kind: Kind = Kind.INVALID, req: Optional[Request] = None,
+                latency: float = 0.0) -> Answer:  # fmt: skip
+        return Answer(0.0, "audit", client, "", "", kind, error.status, Outcome.REFUSED, cause=error.message)
 
 
-def make_server(**listen: Any) -> ProxyServer:
+def make_server(report: Optional[list[Answer]] = None, **listen: Any) -> ProxyServer:
     config = ListenConfig(port=0, addresses=("127.0.0.1",), idle_timeout=5.0, request_timeout=1.0, **listen)
-    srv = ProxyServer(config, Echo())  # type: ignore[arg-type]
+    if report is None:
+        srv = ProxyServer(config, Echo())  # type: ignore[arg-type]
+    else:
+        srv = ProxyServer(config, Echo(), report=report.append)  # type: ignore[arg-type]
     srv.start()
     return srv
+
+
+def wait_for(answers: list[Answer], n: int) -> None:
+    deadline = time.monotonic() + 5
+    while len(answers) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -95,5 +109,44 @@ def test_idle_workers_end_after_a_burst_and_service_goes_on(monkeypatch: pytest.
         assert not workers() - before
         with socket.create_connection(srv.addresses[0], timeout=3) as sock:
             assert ask(sock, "/after").endswith(b"/after")
+    finally:
+        srv.close()
+
+
+def test_every_answer_is_reported_refusals_before_parsing_included() -> None:
+    answers: list[Answer] = []
+    srv = make_server(report=answers, max_connections=1)
+    try:
+        with socket.create_connection(srv.addresses[0], timeout=3) as held:
+            assert ask(held, "/ok").endswith(b"/ok")
+            wait_for(answers, 1)
+            with socket.create_connection(srv.addresses[0], timeout=3) as extra:
+                assert extra.recv(4096).startswith(b"HTTP/1.1 503")
+            wait_for(answers, 2)
+        time.sleep(0.2)  # the held slot is free again
+        with socket.create_connection(srv.addresses[0], timeout=3) as tls:
+            tls.sendall(b"\x16\x03\x01\x02\x00\x01")  # a TLS ClientHello's first bytes
+            assert tls.recv(4096).startswith(b"HTTP/1.1 400")
+        wait_for(answers, 3)
+    finally:
+        srv.close()
+    assert [(a.status, a.outcome) for a in answers] == [(200, Outcome.ALLOW), (503, Outcome.REFUSED),
+                                                        (400, Outcome.REFUSED)]  # fmt: skip
+    at_cap = answers[1].caller
+    assert not at_cap.known and "connection limit" in at_cap.reason
+
+
+def test_a_failing_report_hook_never_costs_the_client_its_answer() -> None:
+    config = ListenConfig(port=0, addresses=("127.0.0.1",), idle_timeout=5.0, request_timeout=1.0)
+
+    def broken(answer: Answer) -> None:
+        raise RuntimeError("disk on fire")
+
+    srv = ProxyServer(config, Echo(), report=broken)  # type: ignore[arg-type]
+    srv.start()
+    try:
+        with socket.create_connection(srv.addresses[0], timeout=3) as sock:
+            assert ask(sock, "/one").endswith(b"/one")
+            assert ask(sock, "/two").endswith(b"/two")  # the same keep-alive connection goes on
     finally:
         srv.close()

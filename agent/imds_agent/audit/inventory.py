@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
+from ..atomic import write_atomically
 from ..errors import ConfigError
-from ..policy.paths import SENSITIVE_CLASSES, MetadataPath
+from ..policy.paths import MetadataPath
 
 log = logging.getLogger(__name__)
 
@@ -119,23 +119,8 @@ class Inventory:
             self._dirty = False
         try:
             os.makedirs(self.state_dir, mode=0o750, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".inventory-", dir=self.state_dir)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(doc, fh, separators=(",", ":"))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
+            write_atomically(self.path, json.dumps(doc, separators=(",", ":")), mode=0o640)
         except OSError as exc:
             log.error("cannot save the inventory to %s: %s", self.path, exc)
             with self._lock:
                 self._dirty = True
-
-
-def sensitive_names() -> tuple[str, ...]:
-    """The class names that are sensitive (for report columns)."""
-    return tuple(SENSITIVE_CLASSES)
-
-
-def as_json(entries: list[Entry]) -> list[dict[str, Any]]:
-    """Entries as JSON-ready dicts."""
-    return [vars(e) for e in entries]

@@ -1,7 +1,7 @@
 """The audit log: one JSON object per request, size-rotated, never a token, a credential or a body.
 
-Records are built from the Caller, the Decision and the Exchange, which hold no header values except the
-User-Agent (kept for the record, never used to decide).
+Each line is one Answer (proxy/types.py), which holds no header value except the User-Agent (kept for the
+record, never used to decide).
 """
 
 from __future__ import annotations
@@ -11,63 +11,44 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
-from ..identity.caller import Caller
+from ..proxy.types import Answer
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class AuditRecord:
-    """What the audit log says about one request."""
-
-    time: float
-    mode: str
-    caller: Caller
-    method: str
-    path: str
-    version: str  # v1 (no token), v2 (client token), token (the PUT)
-    decision: str  # allow | deny | would-deny
-    decided_by: str
-    reason: str
-    status: int
-    latency_ms: float
-    user_agent: Optional[str] = None
-    injected: bool = False
-    relayed: bool = False
-    sensitive: Optional[str] = None
-
-    def as_dict(self) -> dict[str, Any]:
-        """The JSON-ready form (ISO time, caller fields flattened)."""
-        c = self.caller
-        return {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.time)) + f".{int(self.time % 1 * 1000):03d}Z",
-            "mode": self.mode,
-            "pid": c.pid,
-            "exe": c.exe,
-            "uid": c.uid,
-            "user": c.user,
-            "unit": c.unit,
-            "container": c.container,
-            "exe_verified": c.exe_verified if c.known else None,
-            "shared_with": [f"{o.pid} {o.exe}" for o in c.sharers] or None,
-            "identified": c.known,
-            "unidentified_reason": c.reason or None,
-            "user_agent": self.user_agent,
-            "method": self.method,
-            "path": self.path,
-            "sensitive": self.sensitive,
-            "imds": self.version,
-            "decision": self.decision,
-            "rule": self.decided_by,
-            "reason": self.reason,
-            "status": self.status,
-            "injected": self.injected,
-            "relayed": self.relayed,
-            "latency_ms": round(self.latency_ms, 3),
-        }
+def audit_line(answer: Answer) -> dict[str, Any]:
+    """The JSON-ready audit form of one Answer (ISO time, caller fields flattened)."""
+    c = answer.caller
+    when = answer.time
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1000):03d}Z",
+        "mode": answer.mode,
+        "pid": c.pid,
+        "exe": c.exe,
+        "uid": c.uid,
+        "user": c.user,
+        "unit": c.unit,
+        "container": c.container,
+        "exe_verified": c.exe_verified if c.known else None,
+        "shared_with": [f"{o.pid} {o.exe}" for o in c.sharers] or None,
+        "identified": c.known,
+        "unidentified_reason": c.reason or None,
+        "user_agent": answer.user_agent,
+        "method": answer.method,
+        "path": answer.shown_path,
+        "sensitive": answer.path.sensitive if answer.path is not None else None,
+        "imds": answer.kind.value,
+        "decision": answer.outcome.value,
+        "rule": answer.decided_by,
+        "reason": answer.reason,
+        "status": answer.status,
+        "injected": answer.injected,
+        "relayed": answer.relayed,
+        "sent": answer.sent,
+        "latency_ms": round(answer.latency * 1000, 3),
+    }
 
 
 class AuditLog:
@@ -105,9 +86,9 @@ class AuditLog:
             os.replace(self.path, f"{self.path}.1")
         self._open()
 
-    def write(self, record: AuditRecord) -> None:
+    def write(self, answer: Answer) -> None:
         """Append one record; a failing disk is logged (once until it recovers), never raised into a request."""
-        data = (json.dumps(record.as_dict(), separators=(",", ":")) + "\n").encode()
+        data = (json.dumps(audit_line(answer), separators=(",", ":")) + "\n").encode()
         with self._lock:
             try:
                 if self._fd < 0:

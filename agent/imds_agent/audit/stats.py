@@ -9,6 +9,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, fields
 
+from ..proxy.types import Answer, Kind, Outcome
+
 
 @dataclass(frozen=True)
 class Totals:
@@ -18,8 +20,10 @@ class Totals:
     imdsv1: int = 0
     denied: int = 0
     would_deny: int = 0
+    refused: int = 0
     upstream_errors: int = 0
     unidentified: int = 0
+    record_failures: int = 0  # answers that could not be recorded in full (audit/recorder.py)
 
 
 class Tally:
@@ -29,17 +33,22 @@ class Tally:
         self._lock = threading.Lock()
         self._counts = dict.fromkeys((f.name for f in fields(Totals)), 0)
 
-    def add(self, kind: str, decision: str, status: int, identified: bool) -> None:
-        """Count one request: its kind (v1, v2, token, invalid), decision, status sent and whether the caller
-        was identified."""
+    def add(self, answer: Answer) -> None:
+        """Count one answer: its kind, outcome, the status sent and whether the caller was identified."""
         with self._lock:
             c = self._counts
             c["requests"] += 1
-            c["imdsv1"] += kind == "v1"
-            c["denied"] += decision == "deny"
-            c["would_deny"] += decision == "would-deny"
-            c["upstream_errors"] += status in (502, 504)
-            c["unidentified"] += not identified
+            c["imdsv1"] += answer.kind is Kind.V1
+            c["denied"] += answer.outcome is Outcome.DENY
+            c["would_deny"] += answer.outcome is Outcome.WOULD_DENY
+            c["refused"] += answer.outcome is Outcome.REFUSED
+            c["upstream_errors"] += answer.cause is not None and answer.outcome is not Outcome.REFUSED
+            c["unidentified"] += not answer.caller.known
+
+    def failed_to_record(self) -> None:
+        """Count an answer whose recording raised."""
+        with self._lock:
+            self._counts["record_failures"] += 1
 
     def totals(self) -> Totals:
         """The counters as they are now."""

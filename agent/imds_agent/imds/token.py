@@ -15,13 +15,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from ..errors import TokenError, UpstreamError
+from .protocol import TOKEN_PATH, TTL_HEADER
 from .upstream import Upstream
 
 log = logging.getLogger(__name__)
 
-TOKEN_PATH = "/latest/api/token"
-TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
-TOKEN_HEADER = "X-aws-ec2-metadata-token"
 # After a failed background refresh (the old token still valid), wait this long before trying again so that a
 # struggling metadata service is not asked on every request.
 REFRESH_BACKOFF = 5.0

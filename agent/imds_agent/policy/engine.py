@@ -1,23 +1,18 @@
 """Decide one request: which rule is about this caller, does it grant this path, or what does the default say.
 
-Pure apart from hashing executables, which happens only when some rule matches on sha256. A token PUT is always
-allowed: a token by itself reveals nothing, and every request made with it passes through here as well.
+Pure: the executable's hash, when a rule pins one, is computed by the caller (identity/hashes.py). A token PUT is
+always allowed: a token by itself reveals nothing, and every request made with it passes through here as well.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
 from ..identity.caller import Caller
+from ..imds.protocol import TOKEN_RESOURCE
 from .model import Policy, Rule
 from .paths import MetadataPath, PathError, normalize
-
-TOKEN_PATH = "api/token"
 
 
 @dataclass(frozen=True)
@@ -48,7 +43,7 @@ def decide(policy: Policy, caller: Caller, method: str, target: str, exe_sha256:
         path = normalize(target)
     except PathError as exc:
         return Decision(False, "path check", f"refused path: {exc}")
-    if method == "PUT" and path.path == TOKEN_PATH:
+    if method == "PUT" and path.path == TOKEN_RESOURCE:
         return Decision(True, "token request", "token requests are always allowed", path=path)
     if not caller.known:
         return _by_default(policy.unknown, path, "policy for unidentified callers")
@@ -61,35 +56,3 @@ def decide(policy: Policy, caller: Caller, method: str, target: str, exe_sha256:
         what = f"the {path.sensitive} class" if path.sensitive else "this path"
         return Decision(False, f"{first.name} ({first.source})", f"the rule does not grant {what}", path=path)
     return _by_default(policy.default, path, "default")
-
-
-class ExeHasher:
-    """sha256 of executables, cached by file identity (device, inode, size, mtime) so each is read once."""
-
-    def __init__(self, capacity: int = 256):
-        self._lock = threading.Lock()
-        self._cache: OrderedDict[tuple[int, int, int, int], str] = OrderedDict()
-        self.capacity = capacity
-
-    def of_pid(self, pid: int) -> Optional[str]:
-        """The hash of the file ``pid`` is running (through /proc, so a replaced file is not mistaken for it)."""
-        path = f"/proc/{pid}/exe"
-        try:
-            st = os.stat(path)
-            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            with self._lock:
-                cached = self._cache.get(key)
-            if cached is not None:
-                return cached
-            digest = hashlib.sha256()
-            with open(path, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(chunk)
-        except OSError:
-            return None
-        value = digest.hexdigest()
-        with self._lock:
-            self._cache[key] = value
-            while len(self._cache) > self.capacity:
-                self._cache.popitem(last=False)
-        return value

@@ -25,7 +25,7 @@ from typing import Any
 
 from .. import yamlsrc
 from ..errors import ConfigError
-from .model import Policy, Rule
+from .model import DEFAULT_SETTING, UNKNOWN_SETTING, Policy, Rule
 from .paths import SENSITIVE_CLASSES
 
 RULE_KEYS = {"name", "exe", "uid", "user", "cmdline", "sha256", "paths", "sensitive", "inject_token", "in_containers"}
@@ -42,7 +42,7 @@ def policy_files(directory: str) -> list[str]:
     return sorted(found, key=os.path.basename)
 
 
-def load_policy(directory: str, default: str = "allow-nonsensitive", unknown: str = "deny") -> Policy:
+def load_policy(directory: str, default: str = DEFAULT_SETTING, unknown: str = UNKNOWN_SETTING) -> Policy:
     """Load every policy file in ``directory``; raise ConfigError naming file, line and key on the first error."""
     rules: list[Rule] = []
     files = policy_files(directory)

@@ -15,7 +15,10 @@ from typing import Optional
 from ..identity.caller import Caller
 from .paths import SENSITIVE_CLASSES, MetadataPath, compile_glob, normalize_pattern
 
+#: What `policy.default` (callers no rule matches) and `policy.unknown` (unidentified callers) may say.
 DEFAULTS = ("deny", "allow-nonsensitive", "allow")
+DEFAULT_SETTING = "allow-nonsensitive"
+UNKNOWN_SETTING = "deny"
 
 
 @dataclass(frozen=True)
@@ -73,8 +76,8 @@ class Policy:
     """The rules from every policy file, in order, with what happens to callers no rule matches."""
 
     rules: tuple[Rule, ...] = ()
-    default: str = "allow-nonsensitive"
-    unknown: str = "deny"
+    default: str = DEFAULT_SETTING
+    unknown: str = UNKNOWN_SETTING
     files: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

@@ -1,28 +1,28 @@
-"""Who may have what: the caller found once per connection, the policy asked once per request.
+"""Who may have what: one Verdict per request from the Client, the request and the policy under the mode in force.
 
-enforce: a request the policy does not allow gets 403 with a plain-text answer naming the executable, uid, path
-and what decided (a rule with its file and line, or the default); never a secret. audit: everything is forwarded
-and the record says what enforce would have done. Either way a tokenless request relayed by a proxy on the host
-(X-Forwarded-For, Forwarded, Via) never gets the agent's token: that is the SSRF pattern IMDSv2 exists to stop.
-The User-Agent is recorded, never used to decide.
+enforce: a request the policy does not allow is denied with a plain-text 403 naming the executable, uid, path and
+what decided (a rule with its file and line, or the default); never a secret. audit: everything is forwarded and
+the Verdict says what enforce would have done. In both modes a tokenless request relayed by a proxy on the host
+(X-Forwarded-For, Forwarded, Via) never gets the agent's token: that is the SSRF pattern IMDSv2 exists to stop,
+judged here once so that no later layer needs to look at the headers again. The User-Agent is never used.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import threading
-from typing import Any, Optional
+from typing import Optional
 
 from ..identity.caller import Caller
-from ..identity.resolver import Identifier
-from ..policy.engine import Decision, ExeHasher, decide
+from ..identity.hashes import ExeHasher
+from ..policy.engine import Decision, decide
 from ..policy.model import Policy
-from .handler import RELAY_HEADERS, Exchange
-from .httpio import HttpError, Request
-from .server import Connection
+from .httpio import Request
+from .types import Client, Kind, Outcome, Verdict
 
-log = logging.getLogger(__name__)
+# Headers that say a proxy relayed the request.
+RELAY_HEADERS = ("x-forwarded-for", "forwarded", "via")
+SSRF_GUARD = "SSRF guard"
 
 
 def deny_message(caller: Caller, path: str, decision: Decision) -> str:
@@ -33,25 +33,53 @@ def deny_message(caller: Caller, path: str, decision: Decision) -> str:
     return f"denied: {who} path={path} by {decision.decided_by}: {decision.reason}"
 
 
-class AccessGate:
-    """Identifies connections and admits requests under the current mode and policy (both swappable at reload)."""
+def is_relayed(req: Request) -> bool:
+    """Whether the request carries a header a proxy adds when it relays one."""
+    return any(req.has(name) for name in RELAY_HEADERS)
 
-    def __init__(self, mode: str, policy: Policy, identifier: Optional[Identifier] = None):
-        self.mode = mode
-        self.policy = policy
-        self.identifier = identifier or Identifier()
-        self.hasher = ExeHasher()
+
+class AccessGate:
+    """Judges requests under the current mode and policy (both swappable together at reload)."""
+
+    def __init__(self, mode: str, policy: Policy, hasher: Optional[ExeHasher] = None):
+        self._mode = mode
+        self._policy = policy
+        self.hasher = hasher or ExeHasher()
         self._swap = threading.Lock()
+
+    @property
+    def mode(self) -> str:
+        """The mode in force."""
+        return self._mode
+
+    @property
+    def policy(self) -> Policy:
+        """The policy in force."""
+        return self._policy
 
     def replace(self, mode: str, policy: Policy) -> None:
         """Switch mode and policy together (SIGHUP); requests in flight finish under what they started with."""
         with self._swap:
-            self.mode, self.policy = mode, policy
+            self._mode, self._policy = mode, policy
 
-    def on_connect(self, conn: Connection) -> None:
-        """Identify the client of a new connection; the Caller is reused for its keep-alive requests."""
-        dst = conn.context.get("original_dst")
-        conn.context["caller"] = self.identifier.identify(conn.peer, conn.local, dst)
+    def judge(self, client: Client, req: Request, target: str, kind: Kind) -> Verdict:
+        """The one Verdict for ``req`` (origin-form ``target``) from ``client``."""
+        with self._swap:
+            mode, policy = self._mode, self._policy
+        caller = client.caller
+        decision = self._decide(policy, caller, req.method, target)
+        relayed = kind is Kind.V1 and is_relayed(req)
+        if relayed and decision.allow:
+            decision = Decision(False, SSRF_GUARD, "a tokenless request relayed by a proxy", path=decision.path)
+        if decision.allow:
+            return Verdict(Outcome.ALLOW, mode, decision.inject, decision.decided_by, decision.reason, decision.path)
+        shown = decision.path.display if decision.path is not None else target.partition("?")[0]
+        outcome = Outcome.DENY if mode == "enforce" else Outcome.WOULD_DENY
+        # A would-deny request is forwarded as the caller sent it, with the token only where the policy's own
+        # rule would have injected one, and never when it was relayed.
+        inject = decision.inject and not relayed
+        return Verdict(outcome, mode, inject, decision.decided_by, decision.reason, decision.path, relayed,
+                       deny_message(caller, shown, decision))  # fmt: skip
 
     def _decide(self, policy: Policy, caller: Caller, method: str, target: str) -> Decision:
         """The decision for ``caller``; with a shared socket, allowed only if allowed to every holder."""
@@ -69,25 +97,3 @@ class AccessGate:
 
     def _digest(self, policy: Policy, caller: Caller) -> Optional[str]:
         return self.hasher.of_pid(caller.pid) if policy.needs_hash and caller.pid is not None else None
-
-    def admit(self, context: dict[str, Any], req: Request, target: str, ex: Exchange) -> bool:
-        """Decide; raise HttpError(403) to deny in enforce mode; return whether a v1 request gets the token."""
-        with self._swap:
-            mode, policy = self.mode, self.policy
-        caller: Caller = context.get("caller") or Caller.unknown("connection was not identified")
-        decision = self._decide(policy, caller, req.method, target)
-        ex.path = decision.path
-        ex.decided_by, ex.reason = decision.decided_by, decision.reason
-        relayed = ex.kind == "v1" and any(req.has(h) for h in RELAY_HEADERS)
-        if relayed and decision.allow:
-            decision = Decision(False, "SSRF guard", "a tokenless request relayed by a proxy", path=decision.path)
-            ex.decided_by, ex.reason = decision.decided_by, decision.reason
-        if decision.allow:
-            ex.decision = "allow"
-            return decision.inject
-        shown = decision.path.display if decision.path is not None else target
-        if mode == "enforce":
-            ex.decision = "deny"
-            raise HttpError(403, deny_message(caller, shown, decision))
-        ex.decision = "would-deny"
-        return decision.inject

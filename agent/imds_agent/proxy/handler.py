@@ -1,26 +1,28 @@
-"""One request, from parsed head to the bytes sent back: pass-through, token injection, refusal.
+"""One request, from parsed head to the bytes sent back: the agent's own checks, the gate's Verdict, the forward.
 
-A request that already carries an IMDSv2 token is forwarded untouched (minus hop-by-hop headers). A tokenless
-GET/HEAD (IMDSv1) gets the agent's cached token; if the metadata service rejects it with 401, the token is
-discarded, refreshed once and the request retried once. The agent adds nothing else: no X-Forwarded-For,
-Forwarded or Via, ever.
+The agent's own protocol checks come first and answer by themselves (a body, a target that is not a path, a PUT
+anywhere but the token resource, a token PUT carrying X-Forwarded-For, a method other than GET/HEAD/PUT): such a
+request is REFUSED and never reaches the policy. Then the gate decides once, and this module acts on its Verdict
+without judging again: a denial gets the 403 the Verdict carries; otherwise the request goes upstream by the
+path the policy judged. A request with the client's own IMDSv2 token is forwarded untouched (minus hop-by-hop
+headers); a tokenless GET/HEAD gets the agent's cached token when the Verdict says so, and if the metadata
+service rejects it with 401 the token is refreshed once and the request retried once. The agent adds nothing
+else: no X-Forwarded-For, Forwarded or Via, ever.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol
+from typing import Callable, Optional, Protocol
 from urllib.parse import urlsplit
 
 from ..errors import UpstreamError
-from ..imds.token import TOKEN_HEADER, TOKEN_PATH, TokenCache
+from ..imds.protocol import TOKEN_HEADER, TOKEN_PATH
+from ..imds.token import TokenCache
 from ..imds.upstream import Headers, Upstream, UpstreamResponse
-from ..policy.paths import MetadataPath
 from .httpio import HttpError, Request, error_response, render_response
-
-log = logging.getLogger(__name__)
+from .types import Answer, Client, Kind, Outcome, Verdict
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus Content-Length which we always compute ourselves.
 HOP_BY_HOP = frozenset(
@@ -38,52 +40,28 @@ HOP_BY_HOP = frozenset(
         "content-length",
     }
 )
-# Headers that say a proxy relayed the request: the SSRF pattern IMDSv2 exists to stop. Such a request never
-# gets the agent's token.
-RELAY_HEADERS = ("x-forwarded-for", "forwarded", "via")
-
-
-@dataclass
-class Exchange:
-    """What happened to one request: for logs, the audit record and metrics. Holds no header values."""
-
-    method: str
-    target: str
-    kind: str  # "v1" (no token), "v2" (client token), "token" (token PUT), "invalid"
-    status: int = 0
-    injected: bool = False
-    relayed: bool = False
-    retried: bool = False
-    cause: Optional[str] = None
-    latency: float = 0.0
-    user_agent: Optional[str] = None
-    decision: str = "allow"  # allow | deny | would-deny (audit mode)
-    decided_by: str = ""
-    reason: str = ""
-    path: Optional[MetadataPath] = None
-
-    @property
-    def shown_path(self) -> str:
-        """The path as logs and records show it: normalized when it could be, never the query string (a client
-        may put anything there, secrets included)."""
-        return self.path.display if self.path is not None else self.target.partition("?")[0][:200]
 
 
 class Gate(Protocol):
-    """Decides whether a request may be forwarded (policy, SSRF guard); see proxy/gate.py."""
+    """Decides each request once (policy, SSRF guard); see proxy/gate.py."""
 
-    def admit(self, context: dict[str, Any], req: Request, target: str, ex: Exchange) -> bool:
-        """Return whether to inject the agent's token into a tokenless request; raise HttpError(403) to deny."""
+    @property
+    def mode(self) -> str:
+        """The mode in force."""
+        ...
+
+    def judge(self, client: Client, req: Request, target: str, kind: Kind) -> Verdict:
+        """The one Verdict for ``req`` from ``client``."""
         ...
 
 
-@dataclass
+@dataclass(frozen=True)
 class Reply:
-    """The bytes to send and whether to close the connection afterwards."""
+    """The bytes to send, whether to close the connection afterwards, and the record of what they say."""
 
     data: bytes
     close: bool
-    exchange: Exchange
+    answer: Answer
 
 
 def strip_hop_by_hop(headers: Headers) -> Headers:
@@ -106,85 +84,98 @@ def origin_form(target: str) -> str:
     raise HttpError(400, "request target must be a path")
 
 
-class Forwarder:
-    """Turns client requests into upstream requests; thread-safe, shared by every connection."""
+def kind_of(req: Request) -> Kind:
+    """The protocol a request speaks: a token PUT, the client's own token, or none."""
+    if req.method == "PUT":
+        return Kind.TOKEN
+    return Kind.V2 if req.has(TOKEN_HEADER) else Kind.V1
 
-    def __init__(self, upstream: Upstream, tokens: TokenCache, gate: Optional[Gate] = None):
-        self.upstream = upstream
-        self.tokens = tokens
-        self.gate = gate
 
-    def handle(self, req: Request, context: Optional[dict[str, Any]] = None) -> Reply:
-        """Answer one request. Never raises: every failure becomes an HTTP answer naming its cause."""
-        started = time.perf_counter()
-        has_token = req.has(TOKEN_HEADER)
-        ex = Exchange(req.method, req.target, "v2" if has_token else "v1", user_agent=req.get("User-Agent"))
-        if req.method == "PUT":
-            ex.kind = "token"
-        head_only = req.method == "HEAD"
-        close = not req.keep_alive
-        try:
-            target = origin_form(req.target)
-            _refuse_body(req)
-            inject = True
-            if self.gate is not None:
-                inject = self.gate.admit(context if context is not None else {}, req, target, ex)
-                if ex.path is not None:
-                    target = ex.path.canonical_target(target)
-            resp = self._dispatch(req, target, ex, inject)
-            headers = strip_hop_by_hop(resp.headers)
-            length = _content_length(resp) if head_only else None
-            data = render_response(
-                resp.status, resp.reason, headers, resp.body, head_only=head_only, close=close, content_length=length
-            )
-            ex.status = resp.status
-        except HttpError as exc:
-            ex.status, ex.cause = exc.status, exc.message
-            close = close or exc.status == 400
-            data = error_response(exc.status, exc.message, head_only=head_only, close=close)
-        except UpstreamError as exc:
-            ex.status, ex.cause = exc.status, str(exc)
-            data = error_response(exc.status, str(exc), head_only=head_only, close=close)
-        ex.latency = time.perf_counter() - started
-        return Reply(data, close, ex)
-
-    def _dispatch(self, req: Request, target: str, ex: Exchange, inject: bool = True) -> UpstreamResponse:
-        headers = strip_hop_by_hop(req.headers)
-        if req.method == "PUT":
-            return self._token_put(target, headers, req)
-        if req.method not in ("GET", "HEAD"):
-            raise HttpError(405, f"method {req.method} is not allowed")
-        if ex.kind == "v2":
-            return self.upstream.request(req.method, target, headers)
-        if any(req.has(name) for name in RELAY_HEADERS):
-            # Relayed by something on this host (a proxy turned SSRF vector): let the metadata service decide.
-            ex.relayed = True
-            log.warning("tokenless request carrying proxy headers for %s: forwarded without a token", ex.shown_path)
-            return self.upstream.request(req.method, target, headers)
-        if not inject:
-            # The policy says this caller must speak IMDSv2 itself: let the metadata service answer it.
-            return self.upstream.request(req.method, target, headers)
-        return self._inject(req.method, target, headers, ex)
-
-    def _token_put(self, target: str, headers: Headers, req: Request) -> UpstreamResponse:
+def check_request(req: Request, target: str) -> None:
+    """The agent's own checks, before any policy: raise HttpError for what it never forwards."""
+    _refuse_body(req)
+    if req.method == "PUT":
         if urlsplit(target).path != TOKEN_PATH:
             raise HttpError(405, f"PUT is only allowed on {TOKEN_PATH}")
         if req.has("X-Forwarded-For"):
             # The metadata service refuses these as well; refusing here keeps the request off the wire.
             raise HttpError(403, "token requests carrying X-Forwarded-For are refused")
-        return self.upstream.request("PUT", target, headers)
+    elif req.method not in ("GET", "HEAD"):
+        raise HttpError(405, f"method {req.method} is not allowed")
 
-    def _inject(self, method: str, target: str, headers: Headers, ex: Exchange) -> UpstreamResponse:
+
+class Forwarder:
+    """Turns client requests into upstream requests and Answers; thread-safe, shared by every connection."""
+
+    def __init__(self, upstream: Upstream, tokens: TokenCache, gate: Gate, clock: Callable[[], float] = time.time):
+        self.upstream = upstream
+        self.tokens = tokens
+        self.gate = gate
+        self.clock = clock
+
+    def refusal(self, client: Client, error: HttpError, kind: Kind = Kind.INVALID, req: Optional[Request] = None,
+                latency: float = 0.0) -> Answer:  # fmt: skip
+        """The Answer for a request the agent answered itself (before or instead of the policy)."""
+        return Answer(
+            self.clock(), self.gate.mode, client, req.method if req else "", req.target if req else "", kind,
+            error.status, Outcome.REFUSED, decided_by="agent", reason=error.message, cause=error.message,
+            latency=latency, user_agent=req.get("User-Agent") if req else None,
+        )  # fmt: skip
+
+    def handle(self, req: Request, client: Client) -> Reply:
+        """Answer one request. Never raises: every failure becomes an HTTP answer naming its cause."""
+        started = time.perf_counter()
+        kind = kind_of(req)
+        head_only = req.method == "HEAD"
+        close = not req.keep_alive
+        try:
+            target = origin_form(req.target)
+            check_request(req, target)
+        except HttpError as exc:
+            close = close or exc.status == 400
+            data = error_response(exc.status, exc.message, head_only=head_only, close=close)
+            return Reply(data, close, self.refusal(client, exc, kind, req, time.perf_counter() - started))
+        verdict = self.gate.judge(client, req, target, kind)
+        if verdict.path is not None:
+            target = verdict.path.canonical_target(target)
+        injected = retried = False
+        cause: Optional[str] = None
+        if not verdict.forwards:
+            status = 403
+            data = error_response(403, verdict.message, head_only=head_only, close=close)
+        else:
+            try:
+                resp, injected, retried = self._forward(req, target, kind, verdict)
+                length = _content_length(resp) if head_only else None
+                data = render_response(resp.status, resp.reason, strip_hop_by_hop(resp.headers), resp.body,
+                                       head_only=head_only, close=close, content_length=length)  # fmt: skip
+                status = resp.status
+            except UpstreamError as exc:
+                status, cause = exc.status, str(exc)
+                data = error_response(exc.status, cause, head_only=head_only, close=close)
+        answer = Answer(
+            self.clock(), verdict.mode, client, req.method, req.target, kind, status, verdict.outcome,
+            verdict.decided_by, verdict.reason, verdict.path, injected, verdict.relayed, retried, cause,
+            time.perf_counter() - started, req.get("User-Agent"),
+        )  # fmt: skip
+        return Reply(data, close, answer)
+
+    def _forward(self, req: Request, target: str, kind: Kind, verdict: Verdict) -> tuple[UpstreamResponse, bool, bool]:
+        """Send upstream as the Verdict says; return the response, whether a token was injected, and whether the
+        request was retried with a fresh one."""
+        headers = strip_hop_by_hop(req.headers)
+        if kind is not Kind.V1 or not verdict.inject:
+            # The client's own token or token request, a relayed request, or a caller that must speak IMDSv2
+            # itself: the metadata service answers it as sent.
+            return self.upstream.request(req.method, target, headers), False, False
         token = self.tokens.get()
-        ex.injected = True
-        resp = self.upstream.request(method, target, headers + [(TOKEN_HEADER, token)])
+        resp = self.upstream.request(req.method, target, headers + [(TOKEN_HEADER, token)])
         if resp.status != 401:
-            return resp
+            return resp, True, False
         # The token was revoked or expired early: one refresh, one retry, never a loop.
         self.tokens.invalidate(token)
         token = self.tokens.get()
-        ex.retried = True
-        return self.upstream.request(method, target, headers + [(TOKEN_HEADER, token)])
+        return self.upstream.request(req.method, target, headers + [(TOKEN_HEADER, token)]), True, True
 
 
 def _refuse_body(req: Request) -> None:

@@ -1,12 +1,14 @@
-"""Threaded listeners on loopback: accept, one thread per client connection, hand requests to the Forwarder.
+"""Threaded listeners on loopback: accept, one worker thread per client connection, hand requests to the Forwarder.
 
 Connections are bounded (max_connections); past the bound a client gets an immediate 503 rather than a queue
-that grows without limit. A hook may be given to learn about each accepted connection (the identity lookup
-happens once per TCP connection, never per request) and about each exchange (audit, metrics).
+that grows without limit. Two typed hooks connect the server to the rest of the pipeline: ``identify`` turns an
+accepted socket into a Client once per TCP connection (never per request), and ``report`` receives the Answer for
+every answer the server sent or tried to send, refusals before a request could be parsed included.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 import logging
@@ -15,31 +17,40 @@ import selectors
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 from ..config import ListenConfig
 from ..errors import AgentError
-from .handler import Exchange, Forwarder
+from .handler import Forwarder
 from .httpio import HttpError, RequestReader, error_response
+from .types import Address, Answer, Client
 
 log = logging.getLogger(__name__)
 HEARTBEAT = 1.0  # the accept loop turns at least this often, so that a watchdog can tell it is alive
 IDLE_WORKER_SECONDS = 60.0  # a worker with no connection for this long ends, so a burst does not leave threads
 
 
-@dataclass
+@dataclass(frozen=True)
 class Connection:
-    """One accepted client connection; ``context`` carries what the connection hook learnt (e.g. the Caller)."""
+    """One accepted client connection, before it is identified."""
 
     sock: socket.socket
-    peer: tuple[str, int]
-    local: tuple[str, int]
-    context: dict[str, Any] = field(default_factory=dict)
+    peer: Address
+    local: Address
 
 
-ConnectionHook = Callable[[Connection], None]
-ExchangeHook = Callable[[Connection, Exchange], None]
+Identify = Callable[[Connection], Client]
+Report = Callable[[Answer], None]
+
+
+def unidentified(conn: Connection) -> Client:
+    """The ``identify`` hook of a server that identifies nobody (tests, and the listener's own checks)."""
+    return Client.unidentified(conn.peer, conn.local, "the connection was not identified", time.time())
+
+
+def _discard(answer: Answer) -> None:
+    """The ``report`` hook of a server that records nothing."""
 
 
 class ProxyServer:
@@ -49,13 +60,13 @@ class ProxyServer:
         self,
         config: ListenConfig,
         forwarder: Forwarder,
-        on_connect: Optional[ConnectionHook] = None,
-        on_exchange: Optional[ExchangeHook] = None,
+        identify: Identify = unidentified,
+        report: Report = _discard,
     ):
         self.config = config
         self.forwarder = forwarder
-        self.on_connect = on_connect
-        self.on_exchange = on_exchange
+        self.identify = identify
+        self.report = report
         self._listeners: list[socket.socket] = []
         self._slots = threading.BoundedSemaphore(config.max_connections)
         self._stop = threading.Event()
@@ -173,11 +184,11 @@ class ProxyServer:
         except OSError as exc:
             log.warning("accept failed: %s", exc)
             return
+        conn = Connection(sock, peer[:2], sock.getsockname()[:2])
         if not self._slots.acquire(blocking=False):
             log.warning("connection limit %d reached; refusing %s", self.config.max_connections, _fmt(peer))
-            _send_and_close(sock, error_response(503, "too many connections", close=True))
+            self._refuse(conn, HttpError(503, "too many connections"), "refused at the connection limit")
             return
-        conn = Connection(sock, peer[:2], sock.getsockname()[:2])
         with self._pool_lock:
             need_worker = self._idle == 0
             if not need_worker:
@@ -187,7 +198,7 @@ class ProxyServer:
                 threading.Thread(target=self._worker, args=(conn,), name="imds-conn", daemon=True).start()
             except RuntimeError:
                 self._slots.release()
-                _send_and_close(sock, error_response(503, "cannot start a worker", close=True))
+                self._refuse(conn, HttpError(503, "cannot start a worker"), "refused: no worker thread")
             return
         self._queue.put(conn)
 
@@ -221,24 +232,22 @@ class ProxyServer:
             self._active.add(sock)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.on_connect is not None:
-                self.on_connect(conn)
+            client = self.identify(conn)
             reader = RequestReader(sock, self.config.idle_timeout, self.config.request_timeout)
             while not self._stop.is_set():
                 try:
                     req = reader.read()
                 except HttpError as exc:
                     log.info("bad request from %s: %s", _fmt(conn.peer), exc)
-                    _send(sock, error_response(exc.status, exc.message, close=True))
+                    sent = _send(sock, error_response(exc.status, exc.message, close=True))
+                    self._report(self.forwarder.refusal(client, exc), sent)
                     return
                 if req is None:
                     return
-                reply = self.forwarder.handle(req, conn.context)
-                if not _send(sock, reply.data):
-                    return
-                if self.on_exchange is not None:
-                    self.on_exchange(conn, reply.exchange)
-                if reply.close:
+                reply = self.forwarder.handle(req, client)
+                sent = _send(sock, reply.data)
+                self._report(reply.answer, sent)
+                if not sent or reply.close:
                     return
         except Exception:
             # A bug in one connection must not take the listener down with it.
@@ -248,6 +257,20 @@ class ProxyServer:
                 self._active.discard(sock)
             sock.close()
             self._slots.release()
+
+    def _refuse(self, conn: Connection, error: HttpError, why: str) -> None:
+        """Answer a connection the server will not serve, close it, and report it (its caller not looked up)."""
+        client = Client.unidentified(conn.peer, conn.local, why, time.time())
+        sent = _send(conn.sock, error_response(error.status, error.message, close=True))
+        conn.sock.close()
+        self._report(self.forwarder.refusal(client, error), sent)
+
+    def _report(self, answer: Answer, sent: bool) -> None:
+        """Hand one Answer to the report hook; recording must never take a connection down."""
+        try:
+            self.report(answer if sent else dataclasses.replace(answer, sent=False))
+        except Exception:
+            log.exception("recording an answer failed")
 
 
 def _ipv6_unavailable(address: str, exc: OSError) -> bool:
@@ -264,11 +287,6 @@ def _send(sock: socket.socket, data: bytes) -> bool:
         return True
     except OSError:
         return False
-
-
-def _send_and_close(sock: socket.socket, data: bytes) -> None:
-    _send(sock, data)
-    sock.close()
 
 
 def _fmt(addr: tuple[str, int]) -> str:

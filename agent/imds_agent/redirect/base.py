@@ -1,4 +1,4 @@
-"""What every redirect backend shares: the spec of what to redirect, the state found, the protocol, the chooser.
+"""What every redirect backend shares: the spec of what to redirect, the state found, and the Backend protocol.
 
 A backend turns a RedirectSpec into kernel rules. It builds the rule set as data first (a pure function, tested
 against golden files), then applies it in one step, and it only ever touches objects it owns (its own nftables
@@ -8,13 +8,8 @@ table, its own iptables chain and the single jump to it).
 from __future__ import annotations
 
 import enum
-import logging
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
-
-from ..errors import UnsupportedError
-
-log = logging.getLogger(__name__)
 
 #: Name of the nftables table and the iptables chain; also the comment on every rule we own.
 OWNER_NAME = "imds_agent"
@@ -65,9 +60,16 @@ class CheckResult:
 
 
 class Backend(Protocol):
-    """A way of installing the redirect in the kernel."""
+    """A way of installing the redirect in the kernel, and what it needs of the host to keep it there."""
 
     name: str
+    #: Capabilities (privileges.CAP_*) the running agent keeps to repair and inspect these rules.
+    capabilities: tuple[int, ...]
+
+    def can_own(self) -> bool:
+        """Whether the rules can belong to this process, so that the kernel removes them when it dies (fail_mode
+        open without a guardian). Probed once, on first use."""
+        ...
 
     def is_supported(self) -> bool:
         """Whether this host's kernel and userland can carry this backend."""
@@ -96,48 +98,3 @@ class Backend(Protocol):
     def close(self) -> None:
         """Release resources (netlink sockets); for an owned nftables table this removes the rules."""
         ...
-
-
-BACKENDS = ("nftables", "iptables")
-
-
-def make_backend(name: str) -> Backend:
-    """Instantiate a backend by name without probing it."""
-    if name == "nftables":
-        from .nftables import NftablesBackend
-
-        return NftablesBackend()
-    if name == "iptables":
-        from .iptables import IptablesBackend
-
-        return IptablesBackend()
-    raise UnsupportedError(f"unknown redirect backend {name!r} (choose auto, {' or '.join(BACKENDS)})")
-
-
-def select_backend(name: str) -> Backend:
-    """Pick the backend for this host: the configured one, or for ``auto`` nftables unless the host already
-    uses legacy iptables nat rules (mixing the two on one host makes rule order impossible to reason about).
-
-    Raises UnsupportedError naming what is missing.
-    """
-    if name != "auto":
-        backend = make_backend(name)
-        if not backend.is_supported():
-            raise UnsupportedError(f"redirect backend {name}: {backend.unsupported_reason()}")
-        return backend
-    from .iptables import legacy_rules_in_use
-
-    if legacy_rules_in_use():
-        ipt = make_backend("iptables")
-        if ipt.is_supported():
-            log.info("host uses legacy iptables nat rules; using the iptables backend")
-            return ipt
-    nft = make_backend("nftables")
-    if nft.is_supported():
-        return nft
-    ipt = make_backend("iptables")
-    if ipt.is_supported():
-        return ipt
-    raise UnsupportedError(
-        f"no redirect backend works here: nftables: {nft.unsupported_reason()}; iptables: {ipt.unsupported_reason()}"
-    )

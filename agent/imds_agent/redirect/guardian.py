@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import subprocess
 import sys
 from typing import IO, Optional
+
+from ..subproc import python_helper_env
+from .registry import BACKEND_NAMES, make_backend
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +48,7 @@ class Guardian:
 def start_guardian(backend_name: str) -> Guardian:
     """Start a guardian for ``backend_name``; call while still privileged enough to remove rules."""
     argv = [sys.executable, "-m", "imds_agent.redirect.guardian", "--backend", backend_name]
-    env = {
-        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
-        "PYTHONDONTWRITEBYTECODE": "1",
-    }
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, env=env, start_new_session=True)
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, env=python_helper_env(), start_new_session=True)
     log.info("fail-open guardian started (pid %d)", proc.pid)
     return Guardian(proc)
 
@@ -59,7 +56,7 @@ def start_guardian(backend_name: str) -> Guardian:
 def main(argv: Optional[list[str]] = None) -> int:
     """Wait for the agent's goodbye or death; remove the rules on death."""
     parser = argparse.ArgumentParser(prog="imds-agent-guardian")
-    parser.add_argument("--backend", required=True, choices=("iptables", "nftables"))
+    parser.add_argument("--backend", required=True, choices=BACKEND_NAMES)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="imds-agent guardian: %(message)s")
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -67,8 +64,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     words = sys.stdin.buffer.read()  # returns at EOF: the agent closed the pipe or died
     if b"stop" in words.split():
         return 0
-    from .base import make_backend
-
     backend = make_backend(args.backend)
     try:
         removed = backend.remove()

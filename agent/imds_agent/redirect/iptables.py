@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from .. import subproc
 from ..errors import RedirectError
+from ..privileges import CAP_NET_ADMIN, CAP_NET_RAW
 from . import iptrules
 from .base import CheckResult, RedirectSpec, RuleView, State
 
@@ -30,11 +31,8 @@ XTABLES_DIRS = ("/usr/lib/x86_64-linux-gnu/xtables", "/usr/lib/aarch64-linux-gnu
 def _worker_env() -> dict[str, str]:
     """Start-up costs of python-iptables halve when it need not search for libxtables or load setuptools'
     distutils shim (300 ms -> 150 ms per worker)."""
-    env = {
-        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
-        "SETUPTOOLS_USE_DISTUTILS": "stdlib",
-        "PYTHONDONTWRITEBYTECODE": "1",  # never write into the installed tree
-    }
+    env = subproc.python_helper_env()
+    env["SETUPTOOLS_USE_DISTUTILS"] = "stdlib"
     for path in XTABLES_DIRS:
         if os.path.isdir(path):
             env["XTABLES_LIBDIR"] = path
@@ -82,9 +80,15 @@ class IptablesBackend:
     """Redirect with an IMDS_AGENT chain in the legacy nat tables (IPv4 and IPv6)."""
 
     name = "iptables"
+    # libiptc talks to the kernel through a raw socket, so repairs need CAP_NET_RAW as well.
+    capabilities: tuple[int, ...] = (CAP_NET_ADMIN, CAP_NET_RAW)
 
     def __init__(self) -> None:
         self._reason = ""
+
+    def can_own(self) -> bool:
+        """iptables rules cannot belong to a process: fail_mode open needs the guardian (guardian.py)."""
+        return False
 
     def is_supported(self) -> bool:
         """Whether python-iptables, the legacy nat tables and the owner, comment and DNAT extensions work here."""

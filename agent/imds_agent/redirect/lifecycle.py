@@ -1,9 +1,10 @@
 """The redirect over the agent's lifetime: install once the listener is up, keep in place, undo as fail_mode says.
 
-fail_mode open: the metadata service must stay reachable when the agent is gone, even after SIGKILL. With
-nftables the table is created owned by the agent's netlink socket, so the kernel drops it when the process dies;
-iptables has no such notion, so a small guardian process (started while still root) removes the rules when the
-agent's end of a pipe closes without a goodbye. On SIGTERM the agent removes the rules itself.
+fail_mode open: the metadata service must stay reachable when the agent is gone, even after SIGKILL. Where the
+backend can tie its rules to the agent (nftables on a kernel with table ownership), the kernel drops them when
+the process dies; elsewhere (iptables, and nftables on kernels before 5.12) a small guardian process (started
+while still root) removes the rules when the agent's end of a pipe closes without a goodbye. On SIGTERM the agent
+removes the rules itself.
 
 fail_mode closed: the rules persist when the agent stops or dies, so nothing but the agent's own uid reaches the
 metadata service while it is down (clients get connection refused instead of unfiltered access).
@@ -15,10 +16,12 @@ import errno
 import logging
 import socket
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..config import RedirectConfig, UpstreamConfig
-from .base import Backend, CheckResult, RedirectSpec, select_backend
+from ..errors import AgentError
+from .base import Backend, RedirectSpec
+from .registry import select_backend
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,19 @@ def spec_for(redirect: RedirectConfig, upstream: UpstreamConfig, exempt_uid: int
         port=upstream.port,
         with_ipv6=with_ipv6,
     )
+
+
+def remove_on_stop(load_redirect: Callable[[], RedirectConfig]) -> tuple[bool, str]:
+    """Whether the rules go when the service stops (the unit's ExecStopPost, `rules remove --if-fail-open`), and
+    why. Only fail_mode closed keeps them; a configuration that cannot be read counts as open, because the
+    metadata service must not stay cut off by accident."""
+    try:
+        fail_mode = load_redirect().fail_mode
+    except AgentError as exc:
+        return True, f"cannot read the configuration ({exc}); removing the rules"
+    if fail_mode == "closed":
+        return False, "fail_mode closed: rules kept"
+    return True, "fail_mode open: removing the rules"
 
 
 def ipv6_loopback_available() -> bool:
@@ -59,8 +75,8 @@ class Interception:
         self.spec = spec
         self.backend = backend if backend is not None else select_backend(config.backend)
         self.fail_open = config.fail_mode == "open"
-        # nftables can tie the table to our socket; other backends need the guardian for fail-open.
-        self.owned = self.fail_open and self.backend.name == "nftables"
+        # A backend that can tie its rules to this process needs no guardian for fail-open.
+        self.owned = self.fail_open and self.backend.can_own()
         self._guardian: Any = None
         self._reconciler: Any = None
 
@@ -86,7 +102,7 @@ class Interception:
 
     def start_reconciler(self) -> None:
         """Check the rules every reconcile_interval seconds and repair them (not started when the interval is 0)."""
-        from ..reconcile import Reconciler
+        from .reconcile import Reconciler
 
         self._reconciler = Reconciler(self.backend, self.spec, self.owned, self.config.reconcile_interval)
         self._reconciler.start()
@@ -101,10 +117,6 @@ class Interception:
     def repairs(self) -> int:
         """How many times the reconciler had to re-apply the rules."""
         return int(self._reconciler.repairs) if self._reconciler is not None else 0
-
-    def check(self) -> CheckResult:
-        """The current state of our rules against the spec."""
-        return self.backend.check(self.spec)
 
     def shutdown(self) -> None:
         """Stop reconciling; remove the rules when failing open, keep them when failing closed."""

@@ -37,6 +37,7 @@ from pyroute2.netlink.nfnetlink.nftsocket import (
 )
 
 from ..errors import RedirectError
+from ..privileges import CAP_NET_ADMIN
 from . import nftrules
 from .base import CheckResult, RedirectSpec, RuleView, State
 
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 NFPROTO_INET = 1
 NFT_TABLE_F_OWNER = 0x2
+PROBE_TABLE = "imds_agent_probe"
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 HOOKS = {"output": 3}
@@ -113,12 +115,35 @@ class NftablesBackend:
     """Redirect with an nftables table of our own, over a netlink socket held for the backend's lifetime."""
 
     name = "nftables"
+    capabilities: tuple[int, ...] = (CAP_NET_ADMIN,)
 
     def __init__(self) -> None:
         self._sock: Optional[socket.socket] = None
         self._seq = 0
         self._lock = threading.Lock()
         self._reason = ""
+        self._owner_support: Optional[bool] = None
+
+    def can_own(self) -> bool:
+        """Whether the kernel honours NFT_TABLE_F_OWNER (Linux 5.12; Amazon Linux 2's and RHEL 8's kernels lack
+        it). Probed once, by creating and deleting an owned scratch table in one transaction, which leaves
+        nothing behind either way; a kernel without it refuses the flag (EOPNOTSUPP)."""
+        if self._owner_support is None:
+            attrs: list[Any] = [("NFTA_TABLE_NAME", PROBE_TABLE)]
+            create = NLM_F_CREATE | NLM_F_ACK
+            ops = [
+                ("owned probe table", self._encode(nft_table_msg, NFT_MSG_NEWTABLE,
+                                                   attrs + [("NFTA_TABLE_FLAGS", NFT_TABLE_F_OWNER)], create)),
+                ("delete probe table", self._encode(nft_table_msg, NFT_MSG_DELTABLE, attrs, NLM_F_ACK)),
+            ]  # fmt: skip
+            try:
+                with self._lock:
+                    self._transact(ops)
+                self._owner_support = True
+            except RedirectError as exc:
+                log.warning("nftables cannot tie a table to the agent (%s): fail_mode open uses the guardian", exc)
+                self._owner_support = False
+        return self._owner_support
 
     # --- the socket ---------------------------------------------------------------------------------------------
     def _socket(self) -> socket.socket:

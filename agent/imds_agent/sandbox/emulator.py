@@ -26,13 +26,12 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
 
+from ..imds.protocol import TOKEN_HEADER, TTL_HEADER
 from .control import ControlServer
 from .metadata import VERSIONS, build_tree, lookup
 
 log = logging.getLogger(__name__)
 
-TOKEN_HEADER = "X-aws-ec2-metadata-token"
-TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 MAX_TTL = 21600
 MAX_PATHS = 1000
 FAULTS = {"get_delay": 0.0, "put_delay": 0.0, "put_status": 0, "drop": False}

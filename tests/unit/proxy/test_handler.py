@@ -5,10 +5,16 @@ from typing import Any
 import pytest
 
 from imds_agent.errors import UpstreamError
+from imds_agent.identity.caller import Caller
 from imds_agent.imds.token import FetchedToken, TokenCache
 from imds_agent.imds.upstream import Headers, UpstreamResponse
+from imds_agent.policy.model import Policy
+from imds_agent.proxy.gate import AccessGate
 from imds_agent.proxy.handler import Forwarder, origin_form, strip_hop_by_hop
 from imds_agent.proxy.httpio import HttpError, parse_head
+from imds_agent.proxy.types import Client, Kind, Outcome
+
+CLIENT = Client(("127.0.0.1", 1), ("127.0.0.1", 2), None, Caller(True, 10, "/usr/bin/curl", 1000, "app"), 0.0)
 
 
 class FakeUpstream:
@@ -31,7 +37,7 @@ class FakeUpstream:
         return UpstreamResponse(200, "OK", [("Content-Type", "text/plain"), ("Connection", "keep-alive")], b"i-0abc")
 
 
-def make(**kw: Any) -> tuple[Forwarder, FakeUpstream, list[int]]:
+def make(mode: str = "audit", default: str = "allow") -> tuple[Forwarder, FakeUpstream, list[int]]:
     up = FakeUpstream()
     n = [0]
 
@@ -39,7 +45,8 @@ def make(**kw: Any) -> tuple[Forwarder, FakeUpstream, list[int]]:
         n[0] += 1
         return FetchedToken(f"agent-token-{n[0]}", ttl)
 
-    fwd = Forwarder(up, TokenCache(fetch, 600, 60))  # type: ignore[arg-type]
+    gate = AccessGate(mode, Policy(default=default))
+    fwd = Forwarder(up, TokenCache(fetch, 600, 60), gate, clock=lambda: 1234.5)  # type: ignore[arg-type]
     return fwd, up, n
 
 
@@ -53,23 +60,25 @@ def sent_headers(up: FakeUpstream, i: int = -1) -> dict[str, str]:
 
 def test_v1_request_gets_the_agent_token() -> None:
     fwd, up, _ = make()
-    reply = fwd.handle(req("GET /latest/meta-data/instance-id HTTP/1.1\nHost: 169.254.169.254"))
+    reply = fwd.handle(req("GET /latest/meta-data/instance-id HTTP/1.1\nHost: 169.254.169.254"), CLIENT)
     assert reply.data.startswith(b"HTTP/1.1 200 OK") and reply.data.endswith(b"i-0abc")
     assert sent_headers(up)["x-aws-ec2-metadata-token"] == "agent-token-1"
-    assert reply.exchange.kind == "v1" and reply.exchange.injected
+    assert reply.answer.kind is Kind.V1 and reply.answer.injected
     assert b"keep-alive" not in reply.data.lower()  # hop-by-hop header from upstream dropped
 
 
 def test_v2_request_passes_untouched() -> None:
     fwd, up, fetched = make()
-    reply = fwd.handle(req("GET /latest/meta-data/ HTTP/1.1\nx-aws-ec2-metadata-token:client-tok\nUser-Agent: x"))
+    reply = fwd.handle(
+        req("GET /latest/meta-data/ HTTP/1.1\nx-aws-ec2-metadata-token:client-tok\nUser-Agent: x"), CLIENT
+    )
     assert sent_headers(up) == {"x-aws-ec2-metadata-token": "client-tok", "user-agent": "x"}
-    assert fetched[0] == 0 and not reply.exchange.injected and reply.exchange.kind == "v2"
+    assert fetched[0] == 0 and not reply.answer.injected and reply.answer.kind is Kind.V2
 
 
 def test_nothing_identifying_is_added() -> None:
     fwd, up, _ = make()
-    fwd.handle(req("GET /latest/meta-data/ HTTP/1.1\nConnection: close, X-Secret\nX-Secret: s\nKeep-Alive: 5"))
+    fwd.handle(req("GET /latest/meta-data/ HTTP/1.1\nConnection: close, X-Secret\nX-Secret: s\nKeep-Alive: 5"), CLIENT)
     names = set(sent_headers(up))
     assert names == {"x-aws-ec2-metadata-token"}
     assert not names & {"x-forwarded-for", "forwarded", "via"}
@@ -77,30 +86,32 @@ def test_nothing_identifying_is_added() -> None:
 
 def test_token_put_passes_ttl_and_refuses_xff() -> None:
     fwd, up, _ = make()
-    fwd.handle(req("PUT /latest/api/token HTTP/1.1\nX-aws-ec2-metadata-token-ttl-seconds: 60\nContent-Length: 0"))
+    fwd.handle(
+        req("PUT /latest/api/token HTTP/1.1\nX-aws-ec2-metadata-token-ttl-seconds: 60\nContent-Length: 0"), CLIENT
+    )
     assert up.sent[-1][0] == "PUT" and sent_headers(up) == {"x-aws-ec2-metadata-token-ttl-seconds": "60"}
-    reply = fwd.handle(req("PUT /latest/api/token HTTP/1.1\nX-Forwarded-For: 10.0.0.1"))
+    reply = fwd.handle(req("PUT /latest/api/token HTTP/1.1\nX-Forwarded-For: 10.0.0.1"), CLIENT)
     assert reply.data.startswith(b"HTTP/1.1 403") and len(up.sent) == 1
 
 
 def test_relayed_tokenless_request_gets_no_token() -> None:
     fwd, up, fetched = make()
-    reply = fwd.handle(req("GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\nVia: 1.1 squid"))
+    reply = fwd.handle(req("GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\nVia: 1.1 squid"), CLIENT)
     assert "x-aws-ec2-metadata-token" not in sent_headers(up)
-    assert reply.exchange.relayed and fetched[0] == 0 and reply.data.startswith(b"HTTP/1.1 401")
+    assert reply.answer.relayed and fetched[0] == 0 and reply.data.startswith(b"HTTP/1.1 401")
 
 
 def test_upstream_401_refreshes_once_and_retries_once() -> None:
     fwd, up, fetched = make()
-    fwd.handle(req("GET / HTTP/1.1"))
+    fwd.handle(req("GET / HTTP/1.1"), CLIENT)
     up.rejected.add("agent-token-1")
-    reply = fwd.handle(req("GET /latest/meta-data/ HTTP/1.1"))
-    assert reply.data.startswith(b"HTTP/1.1 200") and reply.exchange.retried
+    reply = fwd.handle(req("GET /latest/meta-data/ HTTP/1.1"), CLIENT)
+    assert reply.data.startswith(b"HTTP/1.1 200") and reply.answer.retried
     assert fetched[0] == 2 and sent_headers(up)["x-aws-ec2-metadata-token"] == "agent-token-2"
     up.rejected.add("agent-token-2")
     up.rejected.add("agent-token-3")
     before = len(up.sent)
-    reply = fwd.handle(req("GET /latest/meta-data/ HTTP/1.1"))
+    reply = fwd.handle(req("GET /latest/meta-data/ HTTP/1.1"), CLIENT)
     assert reply.data.startswith(b"HTTP/1.1 401") and len(up.sent) - before == 2  # one retry, not a loop
 
 
@@ -118,22 +129,26 @@ def test_upstream_401_refreshes_once_and_retries_once() -> None:
 )
 def test_refusals(text: str, status: int) -> None:
     fwd, up, _ = make()
-    reply = fwd.handle(req(text))
+    reply = fwd.handle(req(text), CLIENT)
     assert reply.data.startswith(f"HTTP/1.1 {status}".encode())
     assert b"imds-agent: " in reply.data and up.sent == []
+    # Recorded as the agent's own refusal with its status and cause, never as "allow".
+    answer = reply.answer
+    assert (answer.outcome, answer.status, answer.decided_by) == (Outcome.REFUSED, status, "agent")
+    assert answer.cause and answer.cause in reply.data.decode()
 
 
 def test_upstream_errors_become_502_or_504_naming_the_cause() -> None:
     fwd, up, _ = make()
     up.error = UpstreamError("metadata service at x did not answer within 3.0s", 504)
-    reply = fwd.handle(req("GET /latest/meta-data/ HTTP/1.1\nx-aws-ec2-metadata-token: t"))
+    reply = fwd.handle(req("GET /latest/meta-data/ HTTP/1.1\nx-aws-ec2-metadata-token: t"), CLIENT)
     assert reply.data.startswith(b"HTTP/1.1 504") and b"did not answer within 3.0s" in reply.data
     assert not reply.close
 
 
 def test_head_keeps_upstream_length_without_body() -> None:
     fwd, up, _ = make()
-    reply = fwd.handle(req("HEAD /latest/meta-data/instance-id HTTP/1.1"))
+    reply = fwd.handle(req("HEAD /latest/meta-data/instance-id HTTP/1.1"), CLIENT)
     assert reply.data.endswith(b"\r\n\r\n") and b"Content-Length: 6" in reply.data
 
 
@@ -143,3 +158,36 @@ def test_origin_form_and_hop_by_hop_helpers() -> None:
     with pytest.raises(HttpError):
         origin_form("*")
     assert strip_hop_by_hop([("Connection", "foo"), ("Foo", "1"), ("TE", "x"), ("A", "b")]) == [("A", "b")]
+
+
+def test_enforce_answers_the_verdicts_403_and_sends_nothing_upstream() -> None:
+    fwd, up, fetched = make(mode="enforce", default="deny")
+    reply = fwd.handle(req("GET /latest/meta-data/instance-id HTTP/1.1"), CLIENT)
+    assert reply.data.startswith(b"HTTP/1.1 403") and b"exe=/usr/bin/curl uid=1000" in reply.data
+    assert up.sent == [] and fetched[0] == 0
+    answer = reply.answer
+    assert (answer.outcome, answer.status, answer.mode, answer.time) == (Outcome.DENY, 403, "enforce", 1234.5)
+    assert answer.decided_by == "default: deny" and answer.client is CLIENT
+
+
+def test_audit_forwards_a_would_deny_request_and_records_it_so() -> None:
+    fwd, up, _ = make(mode="audit", default="deny")
+    reply = fwd.handle(req("GET /latest/meta-data/instance-id HTTP/1.1\nUser-Agent: probe/1"), CLIENT)
+    assert reply.data.startswith(b"HTTP/1.1 200") and len(up.sent) == 1
+    answer = reply.answer
+    assert (answer.outcome, answer.status, answer.injected) == (Outcome.WOULD_DENY, 200, True)
+    assert answer.user_agent == "probe/1" and answer.shown_path == "/latest/meta-data/instance-id"
+
+
+def test_the_path_forwarded_is_the_one_judged() -> None:
+    fwd, up, _ = make()
+    fwd.handle(req("GET //latest/./meta-data//instance-id?x=1 HTTP/1.1"), CLIENT)
+    assert up.sent[-1][1] == "/latest/meta-data/instance-id?x=1"
+
+
+def test_an_upstream_failure_is_recorded_with_its_cause() -> None:
+    fwd, up, _ = make()
+    up.error = UpstreamError("metadata service at x refused the connection", 502)
+    answer = fwd.handle(req("GET /latest/meta-data/ HTTP/1.1"), CLIENT).answer
+    assert (answer.status, answer.outcome) == (502, Outcome.ALLOW)
+    assert answer.cause == "metadata service at x refused the connection"

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import pytest
 
-from imds_agent.redirect import base, guardian
+from imds_agent.redirect import guardian
 
 
 class FakeBackend:
@@ -46,7 +46,7 @@ def run_main(monkeypatch: pytest.MonkeyPatch, stdin: bytes, backend: Optional[Fa
         assert backend is not None, "the guardian made a backend after the agent said stop"
         return backend
 
-    monkeypatch.setattr(base, "make_backend", make_backend)
+    monkeypatch.setattr(guardian, "make_backend", make_backend)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
     code = guardian.main(["--backend", "iptables"])
     assert made == ([] if backend is None else ["iptables"])

@@ -1,4 +1,5 @@
-"""Interception: ownership follows fail_mode and backend; shutdown removes only when failing open."""
+"""Interception: ownership follows fail_mode and what the backend can do; shutdown removes only when failing open;
+the stop-time decision of `rules remove --if-fail-open`."""
 
 from __future__ import annotations
 
@@ -7,14 +8,22 @@ from typing import Optional
 import pytest
 
 from imds_agent.config import RedirectConfig, UpstreamConfig
+from imds_agent.errors import ConfigError
+from imds_agent.redirect import guardian
 from imds_agent.redirect.base import CheckResult, RedirectSpec, State
-from imds_agent.redirect.lifecycle import Interception, spec_for
+from imds_agent.redirect.lifecycle import Interception, remove_on_stop, spec_for
 
 
-class Recorder:
-    def __init__(self, name: str):
+class FakeBackend:
+    capabilities = (12,)
+
+    def __init__(self, name: str, owns: bool = True):
         self.name = name
+        self.owns = owns
         self.calls: list[str] = []
+
+    def can_own(self) -> bool:
+        return self.owns
 
     def apply(self, spec: RedirectSpec, owned: bool = False) -> None:
         self.calls.append(f"apply owned={owned}")
@@ -40,8 +49,8 @@ def test_spec_follows_the_configuration() -> None:
     ("fail_mode", "expected"),
     [("open", ["apply owned=True", "remove", "close"]), ("closed", ["apply owned=False", "close"])],
 )
-def test_nftables_owns_the_table_only_when_failing_open(fail_mode: str, expected: list[str]) -> None:
-    backend = Recorder("nftables")
+def test_a_backend_that_can_own_its_rules_owns_them_only_when_failing_open(fail_mode: str, expected: list[str]) -> None:
+    backend = FakeBackend("nftables")
     spec = RedirectSpec(exempt_uid=990, listen_port=8775)
     icpt = Interception(RedirectConfig(fail_mode=fail_mode, reconcile_interval=0), spec, backend)  # type: ignore[arg-type]
     icpt.install()
@@ -51,7 +60,7 @@ def test_nftables_owns_the_table_only_when_failing_open(fail_mode: str, expected
 
 
 def test_a_failing_shutdown_step_does_not_skip_the_rest() -> None:
-    backend = Recorder("nftables")
+    backend = FakeBackend("nftables")
 
     def broken() -> bool:
         raise RuntimeError("netlink gone")
@@ -62,3 +71,52 @@ def test_a_failing_shutdown_step_does_not_skip_the_rest() -> None:
     icpt.install()
     icpt.shutdown()
     assert backend.calls[-1] == "close"
+
+
+class FakeGuardian:
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+
+    def stop(self) -> None:
+        self.calls.append("guardian stop")
+
+
+def test_a_backend_that_cannot_own_its_rules_fails_open_through_the_guardian(monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = FakeBackend("nftables", owns=False)  # e.g. nftables on a kernel before 5.12
+    started: list[str] = []
+
+    def start(name: str) -> FakeGuardian:
+        started.append(name)
+        backend.calls.append("guardian start")
+        return FakeGuardian(backend.calls)
+
+    monkeypatch.setattr(guardian, "start_guardian", start)
+    spec = RedirectSpec(exempt_uid=990, listen_port=8775)
+    icpt = Interception(RedirectConfig(fail_mode="open", reconcile_interval=0), spec, backend)  # type: ignore[arg-type]
+    assert not icpt.owned
+    icpt.install()
+    icpt.shutdown()
+    assert started == ["nftables"]
+    assert backend.calls == ["guardian start", "apply owned=False", "remove", "guardian stop", "close"]
+
+
+def test_failing_closed_never_needs_the_guardian(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(guardian, "start_guardian", lambda name: pytest.fail("no guardian when failing closed"))
+    backend = FakeBackend("iptables", owns=False)
+    spec = RedirectSpec(exempt_uid=990, listen_port=8775)
+    Interception(RedirectConfig(fail_mode="closed", reconcile_interval=0), spec, backend).install()  # type: ignore[arg-type]
+
+
+def test_rules_go_at_stop_unless_fail_mode_is_closed() -> None:
+    remove, why = remove_on_stop(lambda: RedirectConfig(fail_mode="open"))
+    assert remove and "fail_mode open" in why
+    remove, why = remove_on_stop(lambda: RedirectConfig(fail_mode="closed"))
+    assert not remove and why == "fail_mode closed: rules kept"
+
+
+def test_an_unreadable_configuration_counts_as_open_at_stop() -> None:
+    def broken() -> RedirectConfig:
+        raise ConfigError("mapping values are not allowed here", path="/etc/imds-agent/agent.yaml", line=3)
+
+    remove, why = remove_on_stop(broken)
+    assert remove and "cannot read the configuration" in why and "agent.yaml" in why

@@ -11,8 +11,8 @@ import logging
 import threading
 from typing import Optional
 
-from .errors import AgentError
-from .redirect.base import Backend, RedirectSpec, State
+from ..errors import AgentError
+from .base import Backend, RedirectSpec, State
 
 log = logging.getLogger(__name__)
 

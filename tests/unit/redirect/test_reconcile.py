@@ -6,8 +6,8 @@ import time
 from typing import Optional
 
 from imds_agent.errors import RedirectError
-from imds_agent.reconcile import Reconciler
 from imds_agent.redirect.base import CheckResult, RedirectSpec, State
+from imds_agent.redirect.reconcile import Reconciler
 
 SPEC = RedirectSpec(exempt_uid=990, listen_port=8775)
 

@@ -1,0 +1,111 @@
+"""Every Answer becomes its records here, in one place: the audit line, the inventory count, the running totals
+and, once per caller and path class, a journal line for a denial.
+
+Recording never costs a client its answer: the server reports an Answer after sending it, and an exception in
+any one record is logged (with a traceback once per kind of failure, so a broken disk does not flood the journal)
+and counted, and the other records are still written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Callable, Optional
+
+from ..config import AuditConfig
+from ..proxy.types import Answer, Outcome
+from .inventory import Inventory, path_class
+from .log import AuditLog
+from .stats import Tally
+
+log = logging.getLogger(__name__)
+
+REFUSED_CLASS = "(refused)"
+
+
+def inventory_class(answer: Answer) -> str:
+    """The class an Answer is counted under: refusals apart, so that `suggest` never allows what was refused."""
+    return REFUSED_CLASS if answer.outcome is Outcome.REFUSED else path_class(answer.path)
+
+
+class Recorder:
+    """The server's ``report`` hook; owns the audit log, the inventory and the running totals."""
+
+    def __init__(self, audit: Optional[AuditLog], inventory: Inventory, tally: Optional[Tally] = None):
+        self.audit = audit
+        self.inventory = inventory
+        self.tally = tally or Tally()
+        self._failed: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, answer: Answer) -> None:
+        steps: list[tuple[str, Callable[[Answer], None]]] = [
+            ("the audit log", self._audit),
+            ("the inventory", self._count),
+            ("the totals", self.tally.add),
+        ]
+        failed = False
+        for what, step in steps:
+            try:
+                step(answer)
+            except Exception:
+                failed = True
+                if self._first_failure(what):
+                    log.exception("cannot record an answer in %s (counted; not logged again)", what)
+        if failed:
+            self.tally.failed_to_record()
+
+    def save(self, force: bool = False) -> None:
+        """Persist the inventory (if it changed, unless ``force``)."""
+        self.inventory.save(force=force)
+
+    def close(self) -> None:
+        """Save the inventory and close the audit log."""
+        try:
+            self.save(force=True)
+        finally:
+            if self.audit is not None:
+                self.audit.close()
+
+    def _audit(self, answer: Answer) -> None:
+        if self.audit is not None:
+            self.audit.write(answer)
+
+    def _count(self, answer: Answer) -> None:
+        caller = answer.caller
+        cls = inventory_class(answer)
+        first = self.inventory.add(caller.exe, caller.uid, caller.user, cls, answer.kind.value,
+                                   answer.outcome.value, answer.time, caller.exe_verified)  # fmt: skip
+        if first and answer.outcome in (Outcome.DENY, Outcome.WOULD_DENY):
+            # Once per caller and path class in the journal, so operators see denials without a flood; every
+            # request is in the audit log.
+            verb = "denied" if answer.outcome is Outcome.DENY else "would deny (audit)"
+            log.warning("%s: %s %s %s [%s] by %s: %s", verb, caller.describe(), answer.method, answer.shown_path,
+                        cls, answer.decided_by, answer.reason)  # fmt: skip
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s %s %s -> %d %s", caller.describe(), answer.method, answer.shown_path,
+                      answer.kind.value, answer.status, answer.outcome.value)  # fmt: skip
+
+    def _first_failure(self, what: str) -> bool:
+        """Whether this is the first failure of that record since the agent started."""
+        with self._lock:
+            first = what not in self._failed
+            self._failed.add(what)
+        return first
+
+
+def open_records(config: AuditConfig, uid: int, gid: int) -> Recorder:
+    """The audit log and the inventory, opened (and loaded) as root and handed to the agent's account, so that the
+    agent can keep writing them after it drops privileges (under systemd LogsDirectory and StateDirectory do the
+    same)."""
+    audit = AuditLog(config.log, config.max_bytes, config.backups)
+    inventory = Inventory(config.state_dir).load()
+    if os.geteuid() == 0 and uid != 0:
+        for path in (os.path.dirname(config.log), config.state_dir):
+            os.makedirs(path, mode=0o750, exist_ok=True)
+            os.chown(path, uid, gid)
+        for path in (config.log, inventory.path):
+            if os.path.exists(path):
+                os.chown(path, uid, gid)
+    return Recorder(audit, inventory)

@@ -1,0 +1,48 @@
+"""The server's ``identify`` hook: an accepted connection becomes a typed Client, looked up once per connection.
+
+The original destination comes from conntrack (what the client dialled before the redirect), then the identity
+lookup finds the process behind the peer socket. A lookup that fails for any reason gives an unidentified Caller
+with that reason; it never raises into the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Optional
+
+from ..identity.caller import Caller
+from ..identity.resolver import Identifier
+from .origdst import original_dst
+from .server import Connection
+from .types import Address, Client
+
+log = logging.getLogger(__name__)
+
+
+class ConnectionIdentifier:
+    """Callable hook: ``Connection -> Client``; thread-safe, shared by every worker."""
+
+    def __init__(
+        self,
+        identifier: Identifier,
+        dst: Callable[[Connection], Optional[Address]] = lambda conn: original_dst(conn.sock),
+        clock: Callable[[], float] = time.time,
+    ):
+        self.identifier = identifier
+        self._dst = dst
+        self._clock = clock
+
+    def __call__(self, conn: Connection) -> Client:
+        dst = self._dst(conn)
+        try:
+            caller = self.identifier.identify(conn.peer, conn.local, dst)
+        except Exception as exc:
+            # A bug or an unexpected /proc state must not make a caller anyone in particular.
+            log.exception("identifying the client of a connection failed")
+            caller = Caller.unknown(f"identification failed: {type(exc).__name__}")
+        return Client(conn.peer, conn.local, dst, caller, self._clock())
+
+    def close(self) -> None:
+        """Release the identity lookup's netlink socket."""
+        self.identifier.close()
