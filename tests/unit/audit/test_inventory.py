@@ -1,0 +1,89 @@
+"""The inventory's aggregate under concurrent requests, and its bound on the number of entries."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from imds_agent.audit import inventory as inv_mod
+from imds_agent.audit.inventory import Inventory
+
+SEEN = ("/usr/bin/curl", 1000, "app", "credentials", "v1", "would-deny")
+
+
+def racy_entries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Entries whose count is read, then held until a second reader arrives (or 0.5 s pass): two unlocked
+    ``count += 1`` then both read the same value and one increment is lost, every time, whatever the GIL does."""
+    rendezvous = threading.Barrier(2, timeout=0.5)
+
+    class RacyEntry(inv_mod.Entry):
+        @property
+        def count(self) -> int:
+            value: int = self.__dict__["count"]
+            try:
+                rendezvous.wait()
+            except threading.BrokenBarrierError:  # alone (the lock held the other out): carry on
+                pass
+            return value
+
+        @count.setter
+        def count(self, value: int) -> None:
+            self.__dict__["count"] = value
+
+    monkeypatch.setattr(inv_mod, "Entry", RacyEntry)
+
+
+def test_concurrent_adds_of_one_entry_lose_no_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    racy_entries(monkeypatch)
+    inv = Inventory("/nonexistent")
+    inv.add(*SEEN, 1.0)
+    threads = [threading.Thread(target=inv.add, args=(*SEEN, 2.0 + n)) for n in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    (entry,) = inv.entries()
+    assert (vars(entry)["count"], entry.last_seen) == (3, 3.0)
+
+
+def add(inv: Inventory, exe: str, when: float) -> bool:
+    return inv.add(exe, 1000, "app", "meta-data", "v1", "allow", when)
+
+
+def exes(inv: Inventory) -> list[str]:
+    return [e.exe for e in inv.entries()]
+
+
+def test_at_the_bound_the_least_recently_seen_is_dropped_and_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inv_mod, "MAX_ENTRIES", 3)
+    inv = Inventory("/nonexistent")
+    assert all(add(inv, f"/tmp/run-{n}", float(n)) for n in range(3))
+    assert inv.evicted == 0
+    assert add(inv, "/tmp/run-3", 3.0)
+    assert (exes(inv), inv.evicted) == (["/tmp/run-1", "/tmp/run-2", "/tmp/run-3"], 1)
+
+
+def test_an_entry_seen_again_is_the_most_recent_and_survives(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inv_mod, "MAX_ENTRIES", 3)
+    inv = Inventory("/nonexistent")
+    for n in range(3):
+        add(inv, f"/tmp/run-{n}", float(n))
+    assert not add(inv, "/tmp/run-0", 3.0)  # counted, not new: nothing evicted
+    assert inv.evicted == 0
+    add(inv, "/tmp/run-3", 4.0)
+    add(inv, "/tmp/run-4", 5.0)
+    assert (exes(inv), inv.evicted) == (["/tmp/run-0", "/tmp/run-3", "/tmp/run-4"], 2)
+
+
+def test_an_evicted_entry_seen_again_starts_afresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inv_mod, "MAX_ENTRIES", 1)
+    inv = Inventory("/nonexistent")
+    add(inv, "/tmp/a", 1.0)
+    add(inv, "/tmp/a", 2.0)
+    add(inv, "/tmp/b", 3.0)
+    assert add(inv, "/tmp/a", 4.0)
+    (entry,) = inv.entries()
+    got: tuple[Any, ...] = (entry.exe, entry.count, entry.first_seen, inv.evicted)
+    assert got == ("/tmp/a", 1, 4.0, 2)
