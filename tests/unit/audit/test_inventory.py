@@ -1,14 +1,18 @@
-"""The inventory's aggregate under concurrent requests, and its bound on the number of entries."""
+"""The inventory: aggregation, persistence across restarts, path classes, concurrent requests, the bound."""
 
 from __future__ import annotations
 
+import json
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from imds_agent.audit import inventory as inv_mod
-from imds_agent.audit.inventory import Inventory
+from imds_agent.audit.inventory import Inventory, path_class
+from imds_agent.errors import ConfigError
+from imds_agent.policy.paths import normalize
 
 SEEN = ("/usr/bin/curl", 1000, "app", "credentials", "v1", "would-deny")
 
@@ -87,3 +91,52 @@ def test_an_evicted_entry_seen_again_starts_afresh(monkeypatch: pytest.MonkeyPat
     (entry,) = inv.entries()
     got: tuple[Any, ...] = (entry.exe, entry.count, entry.first_seen, inv.evicted)
     assert got == ("/tmp/a", 1, 4.0, 2)
+
+
+def test_inventory_aggregates_and_survives_a_restart(tmp_path: Path) -> None:
+    inv = Inventory(str(tmp_path))
+    for when in (100.0, 200.0, 150.0):
+        inv.add("/usr/bin/curl", 1000, "app", "credentials", "v1", "would-deny", when)
+    inv.add("/usr/bin/curl", 1000, "app", "meta-data/placement", "v2", "allow", 120.0)
+    inv.save()
+    again = Inventory(str(tmp_path)).load().entries()
+    creds = next(e for e in again if e.path_class == "credentials")
+    assert (creds.count, creds.first_seen, creds.last_seen) == (3, 100.0, 200.0)
+    assert len(again) == 2
+
+
+def test_corrupt_inventory_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "inventory.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="inventory.json"):
+        Inventory(str(tmp_path)).load()
+
+
+def test_path_classes() -> None:
+    assert path_class(normalize("/latest/meta-data/placement/region")) == "meta-data/placement"
+    assert path_class(normalize("/latest/meta-data/iam/security-credentials/x")) == "credentials"
+    assert path_class(normalize("/latest/meta-data/")) == "meta-data"
+    assert path_class(normalize("/")) == "/"
+    assert path_class(None) == "(invalid path)"
+
+
+def test_inventories_saved_before_exe_verification_load_as_host_files(tmp_path: Path) -> None:
+    old = {"exe": "/usr/bin/curl", "uid": 0, "user": "root", "path_class": "meta-data/placement", "imds": "v1",
+           "decision": "allow", "count": 3, "first_seen": 1.0, "last_seen": 2.0}  # fmt: skip
+    (tmp_path / "inventory.json").write_text(json.dumps({"version": 1, "entries": [old]}))
+    (entry,) = Inventory(str(tmp_path)).load().entries()
+    assert entry.exe_verified is True and entry.count == 3
+
+
+def test_a_loaded_inventory_evicts_by_last_seen_whatever_order_the_file_had(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def entry(exe: str, last: float) -> dict[str, object]:
+        return {"exe": exe, "uid": 0, "user": "root", "path_class": "meta-data", "imds": "v1", "decision": "allow",
+                "count": 1, "first_seen": 0.0, "last_seen": last}  # fmt: skip
+
+    entries = [entry("/new", 30.0), entry("/old", 10.0), entry("/mid", 20.0)]
+    (tmp_path / "inventory.json").write_text(json.dumps({"version": 1, "entries": entries}))
+    monkeypatch.setattr(inv_mod, "MAX_ENTRIES", 3)
+    inv = Inventory(str(tmp_path)).load()
+    inv.add("/newest", 0, "root", "meta-data", "v1", "allow", 40.0)
+    assert sorted(e.exe for e in inv.entries()) == ["/mid", "/new", "/newest"]
