@@ -7,7 +7,6 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -17,21 +16,14 @@ from imds_agent.audit.log import AuditLog
 LINE = len('{"n":0}\n')  # the size of every record below
 
 
-class Line(dict[str, Any]):
-    """A record whose audit line is itself."""
-
-    def as_dict(self) -> dict[str, Any]:
-        return self
-
-
 @pytest.fixture(autouse=True)
-def _lines_are_their_own_dicts(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(logmod, "audit_line", dict, raising=False)
+def _records_are_their_own_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logmod, "audit_line", dict)
 
 
 def write(log: AuditLog, *numbers: int) -> None:
     for n in numbers:
-        log.write(Line(n=n))  # type: ignore[arg-type]
+        log.write({"n": n})  # type: ignore[arg-type]
 
 
 def numbers(path: Path) -> list[int]:
