@@ -90,3 +90,39 @@ def test_the_first_denial_per_caller_and_path_class_reaches_the_journal_once(
     assert len(warnings) == 1, warnings  # three credential reads, one line; instance-id is allowed
     assert f"pid={os.getpid()}" in warnings[0] and "[credentials]" in warnings[0]
     assert "default: allow-nonsensitive" in warnings[0]
+
+
+def test_reload_swaps_the_policy_and_a_broken_one_changes_nothing(config: Config, tmp_path: Path) -> None:
+    emu = Emulator(tokens="required", addresses=[("127.0.0.1", 0)])
+    emu.start()
+    source = tmp_path / "agent.yaml"
+    source.write_text(f"mode: enforce\npolicy:\n  dir: {config.policy.dir}\n")
+    upstream = UpstreamConfig(ipv4="127.0.0.1", port=emu.addresses[0][1])
+    agent = Agent(dataclasses.replace(config, mode="enforce", upstream=upstream, source=str(source)))
+    agent.start()
+
+    def status() -> int:
+        conn = http.client.HTTPConnection(*agent.server.addresses[0], timeout=5)
+        conn.request("GET", CREDS)
+        code = conn.getresponse().status
+        conn.close()
+        return code
+
+    policy = Path(config.policy.dir)
+    policy.mkdir(exist_ok=True)
+    try:
+        assert status() == 403  # no rule: the default keeps credentials from everyone
+        exe = os.path.realpath(f"/proc/{os.getpid()}/exe")
+        (policy / "50-test.yaml").write_text(f"rules:\n  - name: me\n    exe: {exe}\n    sensitive: [credentials]\n")
+        assert agent.reload()
+        assert status() == 200
+        (policy / "60-broken.yaml").write_text("rules:\n  - name: broken\n    exe: [unclosed\n")
+        assert not agent.reload()
+        assert status() == 200  # the running policy stays
+        (policy / "60-broken.yaml").unlink()
+        (policy / "50-test.yaml").unlink()
+        assert agent.reload()
+        assert status() == 403
+    finally:
+        agent.stop()
+        emu.stop()
