@@ -172,7 +172,7 @@ def _split_version(segments: list[str]) -> tuple[Optional[str], list[str]]:
             f"the first segment {shown(first)} is not a version the metadata service serves (latest, 1.0 or a "
             f"YYYY-MM-DD date, spelled exactly) nor one of {', '.join(RESOURCES)}"
         )
-    if len(segments) > 1 and is_version(segments[1]):
+    if len(segments) > 1 and is_version(segments[1].lower()):
         raise PathError("the path names two versions")
     return first, segments[1:]
 
@@ -192,8 +192,9 @@ def normalize(target: str) -> MetadataPath:
     sensitive = sensitive_class(path)
     folded = sensitive_class(path.lower())
     if folded is not None and folded != sensitive:
-        # The service is case sensitive, so this spelling is not the class; but guessing is what let spellings
-        # through before, and no client sends it: refused rather than classed.
+        # The service is case sensitive, so this is not the class's resource. Classing it as the class would keep
+        # it from the callers denied the class as well; refusing is safer still: the agent then never forwards a
+        # path whose meaning hangs on how the service treats letter case, and no client spells one this way.
         raise PathError(f"the path spells the {folded} class in another letter case")
     return MetadataPath(version, path, sensitive, query if sep else None, raw_path.endswith("/"))
 

@@ -92,6 +92,7 @@ REFUSED = [
     ("/x/../LATEST/meta-data/iam/security-credentials/role", "not a version"),
     ("/latest/latest/meta-data/iam/security-credentials/role", "two versions"),
     ("/latest/2021-03-23/user-data", "two versions"),
+    ("/latest/LATEST/meta-data/iam/security-credentials/role", "two versions"),
     # Escaped delimiters, '%', backslash, NUL, controls, space, non-ASCII.
     ("/latest/meta-data/iam/security-credentials%3F/role", "%3F"),
     ("/latest/meta-data/iam%3f/security-credentials/role", "%3F"),
