@@ -14,6 +14,8 @@ from ..imds.protocol import TOKEN_RESOURCE
 from .model import Policy, Rule
 from .paths import MetadataPath, PathError, normalize
 
+PATH_CHECK = "path check"
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -38,11 +40,19 @@ def _by_default(setting: str, path: MetadataPath, who: str) -> Decision:
 
 
 def decide(policy: Policy, caller: Caller, method: str, target: str, exe_sha256: Optional[str] = None) -> Decision:
-    """The decision for ``caller`` asking ``method target`` under ``policy``."""
+    """The decision for ``caller`` asking ``method target`` under ``policy``; a target that cannot be classified
+    with certainty is denied by the path check."""
     try:
         path = normalize(target)
     except PathError as exc:
-        return Decision(False, "path check", f"refused path: {exc}")
+        return Decision(False, PATH_CHECK, f"refused path: {exc}")
+    return decide_path(policy, caller, method, path, exe_sha256)
+
+
+def decide_path(
+    policy: Policy, caller: Caller, method: str, path: MetadataPath, exe_sha256: Optional[str] = None
+) -> Decision:
+    """The decision for ``caller`` asking ``method`` of the classified ``path`` under ``policy``."""
     if method == "PUT" and path.path == TOKEN_RESOURCE:
         return Decision(True, "token request", "token requests are always allowed", path=path)
     if not caller.known:

@@ -97,11 +97,12 @@ def sensitive_class(path: str) -> Optional[str]:
     return None
 
 
-def shown(text: str, limit: int = 40) -> str:
-    """``text`` fit for an error message: every character but letters, digits and -._~/ percent-encoded (so no
-    caller byte can end a log line or fake a field), cut at ``limit`` characters."""
+def shown(text: str, limit: int = 40, quoted: bool = True) -> str:
+    """``text`` fit for an error message or a record: every character but letters, digits and -._~/
+    percent-encoded (so no caller byte can end a log line or fake a field), cut at ``limit`` characters."""
     out = "".join(c if c in _SHOWN_CHARS else _escaped(c) for c in text)
-    return "'" + (out if len(out) <= limit else out[:limit] + "...") + "'"
+    out = out if len(out) <= limit else out[:limit] + "..."
+    return f"'{out}'" if quoted else out
 
 
 def _escaped(char: str) -> str:

@@ -15,8 +15,9 @@ from typing import Optional
 
 from ..identity.caller import Caller
 from ..identity.hashes import ExeHasher
-from ..policy.engine import Decision, decide
+from ..policy.engine import Decision, decide_path
 from ..policy.model import Policy
+from ..policy.paths import MetadataPath
 from .httpio import Request
 from .types import Client, Kind, Outcome, Verdict
 
@@ -62,32 +63,31 @@ class AccessGate:
         with self._swap:
             self._mode, self._policy = mode, policy
 
-    def judge(self, client: Client, req: Request, target: str, kind: Kind) -> Verdict:
-        """The one Verdict for ``req`` (origin-form ``target``) from ``client``."""
+    def judge(self, client: Client, req: Request, path: MetadataPath, kind: Kind) -> Verdict:
+        """The one Verdict for ``req`` from ``client``, asking for the classified ``path``."""
         with self._swap:
             mode, policy = self._mode, self._policy
         caller = client.caller
-        decision = self._decide(policy, caller, req.method, target)
+        decision = self._decide(policy, caller, req.method, path)
         relayed = kind is Kind.V1 and is_relayed(req)
         if relayed and decision.allow:
             decision = Decision(False, SSRF_GUARD, "a tokenless request relayed by a proxy", path=decision.path)
         if decision.allow:
             return Verdict(Outcome.ALLOW, mode, decision.inject, decision.decided_by, decision.reason, decision.path)
-        shown = decision.path.display if decision.path is not None else target.partition("?")[0]
         outcome = Outcome.DENY if mode == "enforce" else Outcome.WOULD_DENY
         # A would-deny request is forwarded as the caller sent it, with the token only where the policy's own
         # rule would have injected one, and never when it was relayed.
         inject = decision.inject and not relayed
         return Verdict(outcome, mode, inject, decision.decided_by, decision.reason, decision.path, relayed,
-                       deny_message(caller, shown, decision))  # fmt: skip
+                       deny_message(caller, path.display, decision))  # fmt: skip
 
-    def _decide(self, policy: Policy, caller: Caller, method: str, target: str) -> Decision:
+    def _decide(self, policy: Policy, caller: Caller, method: str, path: MetadataPath) -> Decision:
         """The decision for ``caller``; with a shared socket, allowed only if allowed to every holder."""
-        decision = decide(policy, caller, method, target, self._digest(policy, caller))
+        decision = decide_path(policy, caller, method, path, self._digest(policy, caller))
         for other in caller.sharers:
             if not decision.allow:
                 break
-            theirs = decide(policy, other, method, target, self._digest(policy, other))
+            theirs = decide_path(policy, other, method, path, self._digest(policy, other))
             if not theirs.allow:
                 reason = f"the connection is shared with {other.describe()}: {theirs.reason}"
                 decision = Decision(False, theirs.decided_by, reason, path=decision.path)

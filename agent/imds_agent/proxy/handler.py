@@ -21,6 +21,7 @@ from ..errors import UpstreamError
 from ..imds.protocol import TOKEN_HEADER, TOKEN_PATH
 from ..imds.token import TokenCache
 from ..imds.upstream import Headers, Upstream, UpstreamResponse
+from ..policy.paths import MetadataPath, PathError, normalize
 from .httpio import HttpError, Request, error_response, render_response
 from .types import Answer, Client, Kind, Outcome, Verdict
 
@@ -50,7 +51,7 @@ class Gate(Protocol):
         """The mode in force."""
         ...
 
-    def judge(self, client: Client, req: Request, target: str, kind: Kind) -> Verdict:
+    def judge(self, client: Client, req: Request, path: MetadataPath, kind: Kind) -> Verdict:
         """The one Verdict for ``req`` from ``client``."""
         ...
 
@@ -104,6 +105,15 @@ def check_request(req: Request, target: str) -> None:
         raise HttpError(405, f"method {req.method} is not allowed")
 
 
+def classify(target: str) -> MetadataPath:
+    """The classified path of an origin-form target; what cannot be classified with certainty is refused (400)
+    in every mode and never forwarded, so no spelling can be judged one way and served another."""
+    try:
+        return normalize(target)
+    except PathError as exc:
+        raise HttpError(400, f"refused path: {exc}") from None
+
+
 class Forwarder:
     """Turns client requests into upstream requests and Answers; thread-safe, shared by every connection."""
 
@@ -131,13 +141,14 @@ class Forwarder:
         try:
             target = origin_form(req.target)
             check_request(req, target)
+            path = classify(target)
         except HttpError as exc:
             close = close or exc.status == 400
             data = error_response(exc.status, exc.message, head_only=head_only, close=close)
             return Reply(data, close, self.refusal(client, exc, kind, req, time.perf_counter() - started))
-        verdict = self.gate.judge(client, req, target, kind)
-        if verdict.path is not None:
-            target = verdict.path.canonical_target(target)
+        verdict = self.gate.judge(client, req, path, kind)
+        # Upstream gets exactly the path the policy judged, rebuilt from its classified parts.
+        target = path.canonical_target()
         injected = retried = False
         cause: Optional[str] = None
         if not verdict.forwards:

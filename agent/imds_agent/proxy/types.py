@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..identity.caller import Caller
-from ..policy.paths import MetadataPath
+from ..policy.paths import MetadataPath, shown
 
 Address = tuple[str, int]
 
@@ -117,4 +117,6 @@ class Answer:
     @property
     def shown_path(self) -> str:
         """The path as logs and records show it: normalized when it could be, never the query string."""
-        return self.path.display if self.path is not None else self.target.partition("?")[0][:200]
+        if self.path is not None:
+            return self.path.display
+        return shown(self.target.partition("?")[0], limit=200, quoted=False)

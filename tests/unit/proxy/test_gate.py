@@ -7,6 +7,7 @@ import dataclasses
 
 from imds_agent.identity.caller import Caller
 from imds_agent.policy.model import Policy, Rule
+from imds_agent.policy.paths import normalize
 from imds_agent.proxy.gate import AccessGate
 from imds_agent.proxy.httpio import Request
 from imds_agent.proxy.types import Client, Kind, Outcome, Verdict
@@ -26,7 +27,7 @@ def request(path: str, *headers: tuple[str, str], method: str = "GET") -> Reques
 
 
 def judge(mode: str, caller: Caller, path: str, *headers: tuple[str, str], kind: Kind = Kind.V1) -> Verdict:
-    return AccessGate(mode, POLICY).judge(client(caller), request(path, *headers), path, kind)
+    return AccessGate(mode, POLICY).judge(client(caller), request(path, *headers), normalize(path), kind)
 
 
 def test_enforce_denies_with_a_message_naming_exe_uid_path_and_rule() -> None:
@@ -78,7 +79,7 @@ def test_an_unidentified_client_is_not_trusted() -> None:
 def test_replace_switches_mode_and_policy_together() -> None:
     g = AccessGate("audit", POLICY)
     g.replace("enforce", Policy(default="allow"))
-    v = g.judge(client(CURL), request(CREDS), CREDS, Kind.V1)
+    v = g.judge(client(CURL), request(CREDS), normalize(CREDS), Kind.V1)
     assert (v.outcome, v.mode, g.mode) == (Outcome.ALLOW, "enforce", "enforce")
 
 

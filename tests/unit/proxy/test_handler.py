@@ -191,3 +191,16 @@ def test_an_upstream_failure_is_recorded_with_its_cause() -> None:
     answer = fwd.handle(req("GET /latest/meta-data/ HTTP/1.1"), CLIENT).answer
     assert (answer.status, answer.outcome) == (502, Outcome.ALLOW)
     assert answer.cause == "metadata service at x refused the connection"
+
+
+@pytest.mark.parametrize("mode", ["audit", "enforce"])
+def test_a_path_that_cannot_be_classified_is_refused_in_every_mode_and_never_forwarded(mode: str) -> None:
+    fwd, up, _ = make(mode=mode)
+    for target in ("/latest/meta-data/iam/security-credentials%3F", "/LATEST/meta-data/iam/security-credentials/",
+                   "/latest/meta-data/%ff", "/latest/meta-data/%0A%0Dforged:%20line"):  # fmt: skip
+        reply = fwd.handle(req(f"GET {target} HTTP/1.1"), CLIENT)
+        assert reply.data.startswith(b"HTTP/1.1 400") and b"refused path" in reply.data
+        answer = reply.answer
+        assert (answer.outcome, answer.path) == (Outcome.REFUSED, None)
+        assert "\n" not in answer.shown_path and "\r" not in answer.shown_path
+    assert up.sent == []

@@ -277,3 +277,25 @@ def test_check_of_a_partial_table_is_partial() -> None:
     rules = [rule_message(nftrules.expected_rules(SPEC)["ipv4"])]
     result = backend_listing(table_message(0), [chain_message()], rules).check(SPEC)
     assert (result.state, result.details, result.owned) == (State.PARTIAL, ("ipv6 rule is missing",), False)
+
+
+def test_table_ownership_is_probed_once_and_both_answers_are_followed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kernels before 5.12 (Amazon Linux 2, RHEL 8) refuse NFT_TABLE_F_OWNER: fail-open then needs the guardian."""
+    sent: list[list[str]] = []
+
+    def accepts(self: NftablesBackend, ops: list[tuple[str, bytes]]) -> None:
+        sent.append([what for what, _ in ops])
+
+    def refuses(self: NftablesBackend, ops: list[tuple[str, bytes]]) -> None:
+        sent.append([what for what, _ in ops])
+        raise RedirectError("nftables transaction refused at owned probe table: Operation not supported")
+
+    monkeypatch.setattr(NftablesBackend, "_transact", accepts)
+    modern = NftablesBackend()
+    assert modern.can_own() and modern.can_own()
+    assert sent == [["owned probe table", "delete probe table"]]  # created and deleted in one batch, asked once
+    sent.clear()
+    monkeypatch.setattr(NftablesBackend, "_transact", refuses)
+    old = NftablesBackend()
+    assert not old.can_own() and not old.can_own()
+    assert len(sent) == 1

@@ -1,0 +1,74 @@
+"""The recorder: one Answer -> audit line, inventory count, totals, and one journal line per caller and class;
+a failing record is logged once and counted and never stops the others."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from imds_agent.audit.inventory import Inventory
+from imds_agent.audit.log import AuditLog
+from imds_agent.audit.recorder import REFUSED_CLASS, Recorder
+from imds_agent.identity.caller import Caller
+from imds_agent.policy.paths import normalize
+from imds_agent.proxy.types import Answer, Client, Kind, Outcome
+
+CURL = Caller(True, 10, "/usr/bin/curl", 1000, "app")
+CREDS = "/latest/meta-data/iam/security-credentials/role"
+
+
+def answer(outcome: Outcome, target: str = CREDS, status: int = 200) -> Answer:
+    client = Client(("127.0.0.1", 1), ("127.0.0.1", 2), None, CURL, 0.0)
+    path = normalize(target) if outcome is not Outcome.REFUSED else None
+    return Answer(1700000000.0, "audit", client, "GET", target, Kind.V1, status, outcome, "default: x", "why", path)
+
+
+def make(tmp_path: Path) -> Recorder:
+    return Recorder(AuditLog(str(tmp_path / "log" / "audit.jsonl"), 1 << 20, 1), Inventory(str(tmp_path / "state")))
+
+
+def test_each_answer_becomes_a_line_a_count_and_a_total(tmp_path: Path) -> None:
+    rec = make(tmp_path)
+    rec(answer(Outcome.WOULD_DENY))
+    rec(answer(Outcome.ALLOW, "/latest/meta-data/instance-id"))
+    rec(answer(Outcome.REFUSED, "/latest/api/token", status=405))
+    rec.close()
+    lines = [json.loads(x) for x in (tmp_path / "log" / "audit.jsonl").read_text().splitlines()]
+    assert [(x["decision"], x["status"]) for x in lines] == [("would-deny", 200), ("allow", 200), ("refused", 405)]
+    classes = {(e.path_class, e.decision) for e in Inventory(str(tmp_path / "state")).load().entries()}
+    assert classes == {("credentials", "would-deny"), ("meta-data/instance-id", "allow"), (REFUSED_CLASS, "refused")}
+    totals = rec.tally.totals()
+    assert (totals.requests, totals.would_deny, totals.refused) == (3, 1, 1)
+
+
+def test_the_first_denial_per_caller_and_class_reaches_the_journal_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rec = make(tmp_path)
+    for _ in range(3):
+        rec(answer(Outcome.WOULD_DENY))
+    rec(answer(Outcome.ALLOW, "/latest/meta-data/instance-id"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("would deny (audit): /usr/bin/curl (pid=10, uid=1000)")
+
+
+class Broken:
+    def write(self, answer: Answer) -> None:
+        raise OSError(5, "Input/output error")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_failing_record_is_logged_once_counted_and_the_others_are_still_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rec = Recorder(Broken(), Inventory(str(tmp_path)))  # type: ignore[arg-type]
+    rec(answer(Outcome.ALLOW))
+    rec(answer(Outcome.ALLOW))
+    assert caplog.text.count("cannot record an answer in the audit log") == 1
+    assert rec.tally.totals().record_failures == 2 and rec.tally.totals().requests == 2
+    assert sum(e.count for e in rec.inventory.entries()) == 2
