@@ -54,12 +54,22 @@ def scratch() -> dict[str, Any]:
     }
 
 
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def make_agent(emu: Emulator, **token: int) -> Agent:
     port = emu.addresses[0][1]
     config = Config(
         user=str(os.getuid()),
-        listen=ListenConfig(port=0, addresses=("127.0.0.1", "::1"), idle_timeout=2.0, request_timeout=1.0),
-        upstream=UpstreamConfig(ipv4="127.0.0.1", port=port, connect_timeout=0.5, read_timeout=2.0),
+        listen=ListenConfig(port=0, addresses=("127.0.0.1", "::1"), idle_timeout=0.5, request_timeout=0.5),
+        upstream=UpstreamConfig(ipv4="127.0.0.1", port=port, connect_timeout=0.5, read_timeout=1.0),
         redirect=RedirectConfig(enabled=False),
         **scratch(),
     )
@@ -183,10 +193,12 @@ def fire(agent: Agent, n: int) -> list[int]:
 
 
 def test_50_concurrent_requests_at_expiry_cause_one_token_put(emulator: Emulator) -> None:
-    agent = make_agent(emulator, ttl=1, refresh_margin=0)
+    agent = make_agent(emulator, ttl=60, refresh_margin=0)
+    clock = FakeClock()
+    agent.tokens._clock = clock  # the cache's own clock: expiry without waiting for it
     try:
         assert get(agent, "/latest/meta-data/instance-id")[0] == 200
-        time.sleep(1.2)  # the cached token and the one the service issued have both expired
+        clock.now += 61  # the cached token has expired
         emulator.reset()
         statuses = fire(agent, 50)
         assert statuses == [200] * 50
@@ -198,9 +210,11 @@ def test_50_concurrent_requests_at_expiry_cause_one_token_put(emulator: Emulator
 
 def test_refresh_ahead_of_expiry_is_single_flight_and_nobody_waits_for_it(emulator: Emulator) -> None:
     agent = make_agent(emulator, ttl=30, refresh_margin=29)
+    clock = FakeClock()
+    agent.tokens._clock = clock
     try:
         assert get(agent, "/latest/meta-data/instance-id")[0] == 200
-        time.sleep(1.1)  # inside the refresh window, token still valid
+        clock.now += 1.1  # inside the refresh window, token still valid
         emulator.reset()
         emulator.set_faults(put_delay=0.5)  # a slow refresh must not hold the others up
         started = time.monotonic()
@@ -266,11 +280,11 @@ def test_upstream_unreachable_is_502_naming_the_address() -> None:
 
 def test_slow_upstream_is_504_and_the_agent_keeps_serving(emulator: Emulator, agent: Agent) -> None:
     assert get(agent, "/latest/meta-data/instance-id")[0] == 200
-    emulator.set_faults(get_delay=2.5)
+    emulator.set_faults(get_delay=1.3)
     status, body, _ = get(agent, "/latest/meta-data/instance-id")
-    assert status == 504 and b"did not answer within 2.0s" in body
+    assert status == 504 and b"did not answer within 1.0s" in body
     emulator.set_faults(get_delay=0)
-    time.sleep(0.6)  # let the emulator finish the delayed answer nobody waits for
+    time.sleep(0.35)  # let the emulator finish the delayed answer nobody waits for
     assert get(agent, "/latest/meta-data/instance-id")[0] == 200
 
 
@@ -316,9 +330,9 @@ def test_malformed_input_is_refused_and_the_agent_carries_on(
 
 def test_slow_client_gets_408(emulator: Emulator, agent: Agent) -> None:
     started = time.monotonic()
-    reply = raw(agent, b"GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n", pause=1.5, tail=b"\r\n")
+    reply = raw(agent, b"GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n", pause=0.8, tail=b"\r\n")
     assert reply.startswith(b"HTTP/1.1 408"), reply[:100]
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 2
     assert get(agent, "/latest/meta-data/instance-id")[0] == 200
 
 
@@ -333,7 +347,7 @@ def test_keep_alive_serves_several_requests_and_idle_connections_are_closed(emul
         resp.read()
         assert resp.status == 200
         assert conn.sock.getsockname() == local  # same TCP connection
-    time.sleep(2.5)  # idle_timeout is 2 s in this fixture
+    time.sleep(0.8)  # idle_timeout is 0.5 s in this fixture
     assert conn.sock.recv(1) == b""  # the agent closed it
     conn.close()
 
