@@ -140,11 +140,11 @@ def cmd_rules_remove(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _inventory(args: argparse.Namespace) -> list[Any]:
+def _inventory(args: argparse.Namespace) -> Any:
     from .audit.inventory import Inventory
 
     config = _load(args)
-    return Inventory(config.audit.state_dir).load().entries()
+    return Inventory(config.audit.state_dir).load()
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -152,11 +152,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .audit import report
 
     since = time.time() - args.hours * 3600 if args.hours else None
-    rows = report.report(_inventory(args), since)
+    inventory = _inventory(args)
+    rows = report.report(inventory.entries(), since)
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
     else:
         print(report.render_table(rows))
+        if inventory.evicted or inventory.overflowed:
+            print(report.bound_note(inventory.evicted, inventory.overflowed))
     return EXIT_OK
 
 
@@ -164,7 +167,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     """Write a policy.d file allowing exactly what audit saw (to stdout, or a file that must not exist yet)."""
     from .audit import report
 
-    text = report.suggest(_inventory(args))
+    text = report.suggest(_inventory(args).entries())
     if args.output in (None, "-"):
         print(text, end="")
         return EXIT_OK

@@ -148,9 +148,14 @@ class AuditConfig:
     state_dir: str = "/var/lib/imds-agent"
     max_bytes: int = 50 * 1024 * 1024
     backups: int = 5
+    # Audit lines a second (after a burst) that one uid other than root may write; 0: unbounded.
+    rate_per_uid: float = 50.0
+    burst_per_uid: int = 500
 
     def __post_init__(self) -> None:
         _check(os.path.isabs(self.log), "log", "must be an absolute path")
+        _check(0 <= self.rate_per_uid <= 100000, "rate_per_uid", "must be 0..100000 lines a second (0: unbounded)")
+        _check(1 <= self.burst_per_uid <= 1000000, "burst_per_uid", "must be 1..1000000")
         _check(os.path.isabs(self.state_dir), "state_dir", "must be an absolute path")
         _check(self.max_bytes >= 4096, "max_bytes", "must be at least 4096")
         _check(0 <= self.backups <= 100, "backups", "must be 0..100")

@@ -1,8 +1,14 @@
 """Who called what, aggregated and persisted, so it survives restarts and log rotation.
 
 One entry per (exe, uid, user, path class, v1/v2, decision) with a count and first/last seen. Path classes keep
-the inventory small and the suggestions reviewable: the sensitive class name, or the first two segments of the
-path ('meta-data/placement'). Saved atomically (write, fsync, rename) every few seconds and at stop.
+the inventory small and the suggestions reviewable, and they come from a closed set, never from a raw path (a
+caller could otherwise mint one entry per request): the sensitive class name, or the category of the metadata
+tree the path is in ('meta-data/placement'), or '(other)'. Saved atomically every few seconds and at stop.
+
+The inventory is bounded. At the bound the least recently seen entry of an allowed or refused request makes room;
+an entry that records a denial or a would-deny is never dropped, because `report` and the SetMode document trust
+those figures before enforce is switched on. When only such entries are left, a new one is counted under
+OVERFLOW_EXE for its uid, class and decision, so its denials still show.
 """
 
 from __future__ import annotations
@@ -27,15 +33,39 @@ VERSION = 1
 # many entries the least recently seen is dropped (and counted, so a report can say it is incomplete).
 MAX_ENTRIES = 20000
 UNKNOWN_EXE = "(unidentified)"
+OVERFLOW_EXE = "(inventory full)"
+KEPT_DECISIONS = frozenset({"deny", "would-deny"})
+OTHER_CLASS = "(other)"
+# The categories of the metadata tree (the instance metadata categories AWS documents), as path classes.
+META_DATA = frozenset(
+    "ami-id ami-launch-index ami-manifest-path ancestor-ami-ids autoscaling block-device-mapping events hostname "
+    "iam instance-action instance-id instance-life-cycle instance-type ipv6 kernel-id local-hostname local-ipv4 "
+    "mac metrics network placement product-codes public-hostname public-ipv4 public-keys ramdisk-id "
+    "reservation-id security-groups services spot system tags".split()
+)
+DYNAMIC = frozenset({"instance-identity", "fws"})
 
 
 def path_class(path: Optional[MetadataPath]) -> str:
-    """The class a path is counted under: its sensitive class, or its first two segments."""
+    """The class a path is counted under, from a closed set: its sensitive class, the metadata category it is in,
+    a top-level listing, or '(other)'."""
     if path is None:
         return "(invalid path)"
     if path.sensitive is not None:
         return path.sensitive
-    return "/".join(path.path.split("/")[:2]) or "/"
+    segments = path.path.split("/") if path.path else []
+    if not segments:
+        return "/"
+    top = segments[0]
+    if len(segments) == 1 and top in ("meta-data", "dynamic", "api"):
+        return top
+    if top == "meta-data" and segments[1] in META_DATA:
+        return f"meta-data/{segments[1]}"
+    if top == "dynamic" and segments[1] in DYNAMIC:
+        return f"dynamic/{segments[1]}"
+    if top == "api" and segments[1] == "token":
+        return "api/token"
+    return OTHER_CLASS
 
 
 @dataclass
@@ -64,10 +94,12 @@ class Inventory:
         self.state_dir = state_dir
         self.path = os.path.join(state_dir, FILENAME)
         self._lock = threading.Lock()
-        # Least recently seen first, so that eviction at the bound is O(1) rather than a scan of every entry.
-        self._entries: OrderedDict[Key, Entry] = OrderedDict()
+        self._entries: dict[Key, Entry] = {}
+        # The entries that may make room, least recently seen first, so that eviction is O(1).
+        self._evictable: OrderedDict[Key, None] = OrderedDict()
         self._dirty = False
-        self.evicted = 0
+        self.evicted = 0  # allowed or refused entries dropped to make room, since the file was started
+        self.overflowed = 0  # denials counted under OVERFLOW_EXE because only denial entries were left
 
     def load(self) -> Inventory:
         """Read the saved inventory; a missing file is an empty one, a corrupt one is an error naming it."""
@@ -80,7 +112,12 @@ class Inventory:
             raise ConfigError(f"cannot read the inventory: {exc}", path=self.path) from None
         with self._lock:
             for entry in sorted((Entry(**item) for item in doc.get("entries", [])), key=lambda e: e.last_seen):
-                self._entries[self._key(entry)] = entry
+                key = self._key(entry)
+                self._entries[key] = entry
+                if entry.decision not in KEPT_DECISIONS:
+                    self._evictable[key] = None
+            self.evicted = int(doc.get("evicted", 0))
+            self.overflowed = int(doc.get("overflowed", 0))
         return self
 
     @staticmethod
@@ -93,15 +130,28 @@ class Inventory:
         key: Key = (exe or UNKNOWN_EXE, uid, user, cls, imds, decision, exe_verified)
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None:
-                if len(self._entries) >= MAX_ENTRIES:
-                    self._entries.popitem(last=False)
+            if entry is None and len(self._entries) >= MAX_ENTRIES:
+                if self._evictable:
+                    old, _ = self._evictable.popitem(last=False)
+                    del self._entries[old]
                     self.evicted += 1
-                self._entries[key] = Entry(key[0], uid, user, cls, imds, decision, 1, when, when, exe_verified)
+                elif decision in KEPT_DECISIONS:
+                    self.overflowed += 1
+                    key = (OVERFLOW_EXE, uid, None, cls, imds, decision, True)
+                    entry = self._entries.get(key)
+                else:
+                    self.evicted += 1  # an allowed request with no room left: counted, not kept
+                    self._dirty = True
+                    return False
+            if entry is None:
+                self._entries[key] = Entry(key[0], uid, key[2], cls, imds, decision, 1, when, when, key[6])
             else:
                 entry.count += 1
                 entry.last_seen = max(entry.last_seen, when)
-                self._entries.move_to_end(key)
+            if key in self._evictable:
+                self._evictable.move_to_end(key)
+            elif decision not in KEPT_DECISIONS and key[0] != OVERFLOW_EXE:
+                self._evictable[key] = None
             self._dirty = True
             return entry is None
 
@@ -115,7 +165,12 @@ class Inventory:
         with self._lock:
             if not self._dirty and not force:
                 return
-            doc = {"version": VERSION, "entries": [vars(e) for e in self._entries.values()]}
+            doc = {
+                "version": VERSION,
+                "evicted": self.evicted,
+                "overflowed": self.overflowed,
+                "entries": [vars(e) for e in self._entries.values()],
+            }
             self._dirty = False
         try:
             os.makedirs(self.state_dir, mode=0o750, exist_ok=True)

@@ -11,11 +11,22 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, Optional
 
 from ..proxy.types import Answer
 
 log = logging.getLogger(__name__)
+
+
+# Caller-controlled strings are cut to these lengths in records, so a request cannot make its line huge.
+MAX_USER_AGENT = 256
+MAX_EXE = 1024
+
+
+def _clip(text: Optional[str], limit: int) -> Optional[str]:
+    if text is None or len(text) <= limit:
+        return text
+    return text[:limit] + f"...({len(text) - limit} more)"
 
 
 def audit_line(answer: Answer) -> dict[str, Any]:
@@ -26,7 +37,7 @@ def audit_line(answer: Answer) -> dict[str, Any]:
         "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1000):03d}Z",
         "mode": answer.mode,
         "pid": c.pid,
-        "exe": c.exe,
+        "exe": _clip(c.exe, MAX_EXE),
         "uid": c.uid,
         "user": c.user,
         "unit": c.unit,
@@ -35,7 +46,7 @@ def audit_line(answer: Answer) -> dict[str, Any]:
         "shared_with": [f"{o.pid} {o.exe}" for o in c.sharers] or None,
         "identified": c.known,
         "unidentified_reason": c.reason or None,
-        "user_agent": answer.user_agent,
+        "user_agent": _clip(answer.user_agent, MAX_USER_AGENT),
         "method": answer.method,
         "path": answer.shown_path,
         "sensitive": answer.path.sensitive if answer.path is not None else None,
@@ -87,8 +98,12 @@ class AuditLog:
         self._open()
 
     def write(self, answer: Answer) -> None:
-        """Append one record; a failing disk is logged (once until it recovers), never raised into a request."""
-        data = (json.dumps(audit_line(answer), separators=(",", ":")) + "\n").encode()
+        """Append one request's record; a failing disk is logged (once until it recovers), never raised."""
+        self.write_record(audit_line(answer))
+
+    def write_record(self, record: dict[str, Any]) -> None:
+        """Append one JSON record (a request's, or a summary of suppressed ones) as one line in one write."""
+        data = (json.dumps(record, separators=(",", ":")) + "\n").encode()
         with self._lock:
             try:
                 if self._fd < 0:

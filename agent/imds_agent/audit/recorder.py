@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 from ..config import AuditConfig
 from ..proxy.types import Answer, Outcome
+from .budget import AuditBudget
 from .inventory import Inventory, path_class
 from .log import AuditLog
 from .stats import Tally
@@ -32,10 +33,17 @@ def inventory_class(answer: Answer) -> str:
 class Recorder:
     """The server's ``report`` hook; owns the audit log, the inventory and the running totals."""
 
-    def __init__(self, audit: Optional[AuditLog], inventory: Inventory, tally: Optional[Tally] = None):
+    def __init__(
+        self,
+        audit: Optional[AuditLog],
+        inventory: Inventory,
+        tally: Optional[Tally] = None,
+        budget: Optional[AuditBudget] = None,
+    ):
         self.audit = audit
         self.inventory = inventory
         self.tally = tally or Tally()
+        self.budget = budget or AuditBudget(rate=0, burst=1)
         self._failed: set[str] = set()
         self._lock = threading.Lock()
 
@@ -57,11 +65,15 @@ class Recorder:
             self.tally.failed_to_record()
 
     def save(self, force: bool = False) -> None:
-        """Persist the inventory (if it changed, unless ``force``)."""
+        """Write the summaries of suppressed lines still pending (a flood that stopped gets its summary within one
+        save interval), and persist the inventory (if it changed, unless ``force``)."""
+        if self.audit is not None:
+            for summary in self.budget.pending():
+                self.audit.write_record(summary.as_dict())
         self.inventory.save(force=force)
 
     def close(self) -> None:
-        """Save the inventory and close the audit log."""
+        """Write the summaries still pending, save the inventory and close the audit log."""
         try:
             self.save(force=True)
         finally:
@@ -69,7 +81,12 @@ class Recorder:
                 self.audit.close()
 
     def _audit(self, answer: Answer) -> None:
-        if self.audit is not None:
+        if self.audit is None:
+            return
+        admitted, summary = self.budget.admit(answer.caller.uid, answer.outcome.value, answer.time)
+        if summary is not None:
+            self.audit.write_record(summary.as_dict())
+        if admitted:
             self.audit.write(answer)
 
     def _count(self, answer: Answer) -> None:
@@ -108,4 +125,4 @@ def open_records(config: AuditConfig, uid: int, gid: int) -> Recorder:
         for path in (config.log, inventory.path):
             if os.path.exists(path):
                 os.chown(path, uid, gid)
-    return Recorder(audit, inventory)
+    return Recorder(audit, inventory, budget=AuditBudget(config.rate_per_uid, config.burst_per_uid))

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import yaml
 
 from ..policy.paths import SENSITIVE_CLASSES
-from .inventory import UNKNOWN_EXE, Entry
+from .inventory import MAX_ENTRIES, OVERFLOW_EXE, UNKNOWN_EXE, Entry
 
 # How a report names an executable whose path did not lead to the host's file (a container's, a replaced one).
 NOT_HOST_FILE = "[not the host's file]"
@@ -84,6 +84,16 @@ def render_table(rows: list[CallerRow]) -> str:
     return "\n".join(lines)
 
 
+def bound_note(evicted: int, overflowed: int) -> str:
+    """What the report says when the inventory reached its bound: it is incomplete, and how."""
+    parts = []
+    if evicted:
+        parts.append(f"{evicted} entries of allowed or refused requests were dropped to make room")
+    if overflowed:
+        parts.append(f"{overflowed} denials were counted under {OVERFLOW_EXE}")
+    return f"note: the inventory reached its bound of {MAX_ENTRIES} entries: {'; '.join(parts)}"
+
+
 def suggest(entries: Iterable[Entry]) -> str:
     """A policy.d file (YAML text) allowing exactly the (exe, uid, path class) combinations audit recorded.
 
@@ -92,7 +102,7 @@ def suggest(entries: Iterable[Entry]) -> str:
     """
     grants: dict[tuple[str, Optional[int], bool], dict[str, Any]] = {}
     for e in entries:
-        if e.exe == UNKNOWN_EXE or e.path_class.startswith("("):
+        if e.exe in (UNKNOWN_EXE, OVERFLOW_EXE) or e.path_class.startswith("("):
             continue
         g = grants.setdefault(
             (e.exe, e.uid, e.exe_verified), {"paths": set(), "sensitive": set(), "user": e.user, "count": 0}

@@ -40,7 +40,16 @@ class Caller:
         return cls(known=False, uid=uid, reason=reason)
 
     def describe(self) -> str:
-        """A short human description for logs and deny messages (never contains secrets)."""
+        """A short human description for logs and deny messages (never contains secrets). An executable's path is
+        the caller's choice, newlines included, so anything unprintable in it is escaped: no caller can end a
+        log line early or forge the next one."""
         if not self.known:
-            return f"unknown caller (uid={self.uid if self.uid is not None else '?'}: {self.reason})"
-        return f"{self.exe} (pid={self.pid}, uid={self.uid})"
+            return f"unknown caller (uid={self.uid if self.uid is not None else '?'}: {printable(self.reason)})"
+        return f"{printable(self.exe or '?')} (pid={self.pid}, uid={self.uid})"
+
+
+def printable(text: str, limit: int = 512) -> str:
+    """``text`` with every unprintable character (newlines, controls, line and paragraph separators) escaped as
+    \\xNN or \\uNNNN, and cut at ``limit`` characters."""
+    out = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return out if len(out) <= limit else out[:limit] + "..."

@@ -28,6 +28,7 @@ class AgentProcess:
         reconcile_interval: float = 1.0,
         extra: str = "",
         policy_default: str = "allow-nonsensitive",
+        audit: str = "",
     ):
         self.sbx = sbx
         self.mode = mode
@@ -41,7 +42,7 @@ class AgentProcess:
                 f"mode: {mode}\nuser: '{uid}'\n"
                 f"redirect: {{backend: {backend}, fail_mode: {fail_mode}, reconcile_interval: {reconcile_interval}}}\n"
                 f"policy: {{dir: {work}/policy.d, default: {policy_default}}}\n"
-                f"audit: {{log: {work}/audit/audit.jsonl, state_dir: {work}/state}}\n" + extra
+                f"audit: {{log: {work}/audit/audit.jsonl, state_dir: {work}/state{audit}}}\n" + extra
             )
 
     def start(self, timeout: float = 15.0, mode: Optional[str] = None) -> AgentProcess:

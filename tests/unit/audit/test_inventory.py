@@ -140,3 +140,58 @@ def test_a_loaded_inventory_evicts_by_last_seen_whatever_order_the_file_had(
     inv = Inventory(str(tmp_path)).load()
     inv.add("/newest", 0, "root", "meta-data", "v1", "allow", 40.0)
     assert sorted(e.exe for e in inv.entries()) == ["/mid", "/new", "/newest"]
+
+
+def test_path_classes_come_from_a_closed_set_whatever_the_path() -> None:
+    assert path_class(normalize("/latest/meta-data/placement/region")) == "meta-data/placement"
+    assert path_class(normalize("/latest/dynamic/instance-identity/document")) == "dynamic/instance-identity"
+    assert path_class(normalize("/latest/meta-data/")) == "meta-data"
+    assert path_class(normalize("/latest/meta-data/iam/security-credentials/x")) == "credentials"
+    # An attacker minting one class per request gets one class in all.
+    minted = {path_class(normalize(f"/latest/meta-data/x{n}/y")) for n in range(500)}
+    assert minted == {"(other)"}
+    assert path_class(normalize("/latest/meta-data/unknown-key")) == "(other)"
+
+
+def fill(inv: Inventory, n: int, decision: str, start: float = 0.0) -> None:
+    for i in range(n):
+        inv.add(f"/tmp/x{decision}{i}", 1000, "app", "meta-data", "v1", decision, start + i)
+
+
+def test_denials_are_never_evicted_to_make_room(monkeypatch: pytest.MonkeyPatch) -> None:
+    """20500 distinct allowed entries used to push every would-deny out, after which report showed 0 would-deny."""
+    monkeypatch.setattr(inv_mod, "MAX_ENTRIES", 10)
+    inv = Inventory("/nonexistent")
+    inv.add("/usr/bin/curl", 1000, "app", "credentials", "v1", "would-deny", 0.0)
+    fill(inv, 50, "allow", start=1.0)
+    kept = [e for e in inv.entries() if e.decision == "would-deny"]
+    assert [(e.exe, e.count) for e in kept] == [("/usr/bin/curl", 1)]
+    assert len(inv.entries()) == 10 and inv.evicted == 41
+
+
+def test_when_only_denials_are_left_new_ones_are_counted_under_the_overflow_entry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(inv_mod, "MAX_ENTRIES", 3)
+    inv = Inventory("/nonexistent")
+    fill(inv, 3, "deny")
+    fill(inv, 5, "would-deny", start=10.0)
+    inv.add("/bin/true", 1000, "app", "meta-data", "v1", "allow", 20.0)  # no room: counted as evicted, not kept
+    entries = inv.entries()
+    overflow = [e for e in entries if e.exe == inv_mod.OVERFLOW_EXE]
+    assert [(e.decision, e.count, e.uid) for e in overflow] == [("would-deny", 5, 1000)]
+    assert len(entries) == 4 and inv.overflowed == 5 and inv.evicted == 1
+
+
+def test_the_bound_counters_survive_a_restart_and_the_report_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imds_agent.audit.report import bound_note
+
+    monkeypatch.setattr(inv_mod, "MAX_ENTRIES", 2)
+    inv = Inventory(str(tmp_path))
+    fill(inv, 4, "allow")
+    inv.save()
+    again = Inventory(str(tmp_path)).load()
+    assert again.evicted == 2
+    assert "2 entries of allowed or refused requests were dropped" in bound_note(again.evicted, again.overflowed)

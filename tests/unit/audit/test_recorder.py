@@ -3,6 +3,7 @@ a failing record is logged once and counted and never stops the others."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -72,3 +73,27 @@ def test_a_failing_record_is_logged_once_counted_and_the_others_are_still_kept(
     assert caplog.text.count("cannot record an answer in the audit log") == 1
     assert rec.tally.totals().record_failures == 2 and rec.tally.totals().requests == 2
     assert sum(e.count for e in rec.inventory.entries()) == 2
+
+
+def test_a_flood_from_one_uid_cannot_wash_out_the_records_of_others(tmp_path: Path) -> None:
+    """A 16 KB User-Agent in a loop used to rotate every earlier record out of all the audit files."""
+    from imds_agent.audit.budget import AuditBudget
+
+    rec = Recorder(AuditLog(str(tmp_path / "audit.jsonl"), 64 * 1024, 1), Inventory(str(tmp_path / "s")),
+                   budget=AuditBudget(rate=0.001, burst=5))  # fmt: skip
+    victim = answer(Outcome.WOULD_DENY)
+    rec(victim)
+    attacker = dataclasses.replace(CURL, uid=1001, exe="/tmp/flood")
+    client = Client(("127.0.0.1", 9), ("127.0.0.1", 2), None, attacker, 0.0)
+    flood = dataclasses.replace(answer(Outcome.ALLOW, "/latest/meta-data/x"), client=client, user_agent="A" * 16384)
+    for _ in range(2000):
+        rec(flood)
+    rec.close()
+    text = (tmp_path / "audit.jsonl").read_text()
+    lines = [json.loads(x) for x in text.splitlines()]
+    assert lines[0]["uid"] == 1000 and lines[0]["decision"] == "would-deny"  # still there, not rotated away
+    assert not (tmp_path / "audit.jsonl.1").exists()
+    flood_lines = [x for x in lines if x.get("uid") == 1001 and "summary" not in x]
+    assert len(flood_lines) == 5 and all(len(x["user_agent"]) < 300 for x in flood_lines)
+    (summary,) = [x for x in lines if "summary" in x]
+    assert summary["suppressed"] == 1995 and summary["decisions"] == {"allow": 1995}
