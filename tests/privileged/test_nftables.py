@@ -35,7 +35,9 @@ def test_clients_reach_the_agent_and_the_agent_uid_goes_direct(netns_name: str) 
             assert ls.connect_as(AGENT_UID, "fd00:ec2::254")[0] == "real"
             result = backend.check(RedirectSpec(exempt_uid=AGENT_UID, listen_port=ls.port))
             assert result.state is State.PRESENT and result.owned is True
-            assert {r.family: r.packets for r in result.rules} == {"ipv4": 1, "ipv6": 1}
+            counts = {(r.family, r.text.endswith("reject with tcp reset")): r.packets for r in result.rules}
+            assert counts == {("ipv4", False): 1, ("ipv6", False): 1, ("ipv4", True): 0, ("ipv6", True): 0}
+            assert "chain guard" in ruleset() and "reject with tcp reset" in ruleset()
         finally:
             backend.close()
         assert "imds_agent" not in ruleset()  # an owned table goes with its socket

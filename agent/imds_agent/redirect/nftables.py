@@ -63,7 +63,7 @@ def _expr_to_netlink(name: str, attrs: dict[str, Any]) -> dict[str, Any]:
         elif key == "base":
             value = nftrules.PAYLOAD_BASE[value]
         elif key == "type":
-            value = nftrules.NAT_DNAT
+            value = nftrules.TYPES[name][value]
         elif key == "family":
             value = nftrules.NFPROTO[value]
         elif key == "data":
@@ -74,7 +74,7 @@ def _expr_to_netlink(name: str, attrs: dict[str, Any]) -> dict[str, Any]:
     return {"attrs": [("NFTA_EXPR_NAME", name), ("NFTA_EXPR_DATA", {"attrs": data})]}
 
 
-def _name_value(key: str, raw: Any) -> Any:
+def _name_value(name: str, key: str, raw: Any) -> Any:
     """pyroute2 decodes enum attributes to their kernel names; map them back to nftrules' vocabulary."""
     if isinstance(raw, str):
         if raw.startswith("NFT_REG_"):
@@ -85,8 +85,12 @@ def _name_value(key: str, raw: Any) -> Any:
             return raw[len("NFT_CMP_") :].lower()
         if key == "base" and raw.startswith("NFT_PAYLOAD_"):
             return raw[len("NFT_PAYLOAD_") :].lower().replace("_header", "")
-        if key == "type" and raw.startswith("NFT_NAT_"):
+        if key == "type" and name == "nat" and raw.startswith("NFT_NAT_"):
             return raw[len("NFT_NAT_") :].lower()
+        if key == "type" and name == "reject" and raw.startswith("NFT_REJECT_"):
+            return raw[len("NFT_REJECT_") :].lower()
+    if key == "type" and isinstance(raw, int):
+        return {v: k for k, v in nftrules.TYPES.get(name, {}).items()}.get(raw, raw)
     if key == "family" and isinstance(raw, int):
         return {v: k for k, v in nftrules.NFPROTO.items()}.get(raw, raw)
     return raw
@@ -105,10 +109,49 @@ def _expr_from_netlink(expr: Any) -> tuple[list[Any], Optional[tuple[int, int]]]
         if key == "data":
             attrs[key] = bytes(value.get_attr("NFTA_DATA_VALUE") or b"").hex()
         else:
-            attrs[key] = _name_value(key, value)
+            attrs[key] = _name_value(str(name), key, value)
     if name == "counter":
         return [name, {}], (int(attrs.get("packets", 0)), int(attrs.get("bytes", 0)))
     return [name, attrs], None
+
+
+def _describe_op(op: dict[str, Any]) -> str:
+    """An operation as a refused batch names it, e.g. 'add chain guard (filter)' or 'add rule ipv6 in guard'."""
+    if op["object"] == "chain":
+        return f"add chain {op['name']} ({op['type']})"
+    if op["object"] == "rule":
+        # A kernel without nft_reject_inet refuses the guard's rule (ENOENT): say which expression it needs.
+        needs = " (reject with tcp reset: nft_reject_inet)" if op["chain"] == nftrules.GUARD_CHAIN else ""
+        return f"add rule {op['family']} in {op['chain']}{needs}"
+    return f"{op['op']} {op['object']}"
+
+
+def _chain_differences(name: str, chain: Any) -> list[str]:
+    kind, priority = nftrules.CHAINS[name]
+    hook = chain.get_attr("NFTA_CHAIN_HOOK")
+    found = hook.get_attr("NFTA_HOOK_PRIORITY") if hook is not None else None
+    if chain.get_attr("NFTA_CHAIN_TYPE") != kind or found != priority:
+        return [f"chain {name} is not a {kind} chain at priority {priority}"]
+    return []
+
+
+def _rule_differences(what: str, wanted: dict[str, list[Any]], installed: list[tuple[str, list[Any]]]) -> list[str]:
+    """One chain's rules (``installed``: family, expressions) against the wanted ones per family."""
+    details: list[str] = []
+    for family, exprs in wanted.items():
+        found = [e for f, e in installed if f == family]
+        if not found:
+            details.append(f"{family} {what} is missing")
+        elif nftrules.significant(found[0]) != nftrules.significant(exprs):
+            details.append(
+                f"{family} {what} differs: has '{nftrules.render(found[0])}', wants '{nftrules.render(exprs)}'"
+            )
+        if len(found) > 1:
+            details.append(f"{family} {what} is installed {len(found)} times")
+    extra = sorted({f for f, _ in installed if f not in wanted})
+    if extra:
+        details.append(f"unexpected {what}s for {', '.join(extra)}")
+    return details
 
 
 class NftablesBackend:
@@ -263,7 +306,7 @@ class NftablesBackend:
         ops: list[tuple[str, bytes]] = []
         create = NLM_F_CREATE | NLM_F_APPEND | NLM_F_ACK
         for op in nftrules.build_ruleset(spec, owned):
-            what = f"{op['op']} {op['object']} {op.get('family', '')}".strip()
+            what = _describe_op(op)
             if op["object"] == "table":
                 attrs: list[Any] = [("NFTA_TABLE_NAME", op["name"])]
                 if op["op"] == "delete":
@@ -323,7 +366,7 @@ class NftablesBackend:
                 if r.get_attr("NFTA_RULE_TABLE") == nftrules.TABLE and r["nfgen_family"] == NFPROTO_INET
             ]
         views: list[RuleView] = []
-        installed: list[tuple[str, list[Any]]] = []
+        installed: list[tuple[str, str, list[Any]]] = []
         for rule in rules:
             exprs: list[Any] = []
             counters: tuple[Optional[int], Optional[int]] = (None, None)
@@ -333,36 +376,24 @@ class NftablesBackend:
                 if found is not None:
                     counters = found
             family = nftrules.rule_family(exprs) or "?"
-            installed.append((family, exprs))
+            installed.append((str(rule.get_attr("NFTA_RULE_CHAIN")), family, exprs))
             views.append(RuleView(family, nftrules.render(exprs), counters[0], counters[1]))
         details = self._differences(spec, chains, installed) if spec is not None else []
         state = State.PARTIAL if details else State.PRESENT
         return CheckResult(self.name, state, tuple(details), tuple(views), bool(flags & NFT_TABLE_F_OWNER))
 
     @staticmethod
-    def _differences(spec: RedirectSpec, chains: list[Any], installed: list[tuple[str, list[Any]]]) -> list[str]:
+    def _differences(spec: RedirectSpec, chains: list[Any], installed: list[tuple[str, str, list[Any]]]) -> list[str]:
+        """What differs from ``spec``, chain by chain: ``installed`` is (chain, family, expressions) per rule."""
         details: list[str] = []
-        chain = next((c for c in chains if c.get_attr("NFTA_CHAIN_NAME") == nftrules.CHAIN), None)
-        if chain is None:
-            return ["chain output is missing"]
-        hook = chain.get_attr("NFTA_CHAIN_HOOK")
-        priority = hook.get_attr("NFTA_HOOK_PRIORITY") if hook is not None else None
-        if chain.get_attr("NFTA_CHAIN_TYPE") != "nat" or priority != nftrules.PRIORITY:
-            details.append(f"chain output is not a nat chain at priority {nftrules.PRIORITY}")
-        wanted = nftrules.expected_rules(spec)
-        for family, exprs in wanted.items():
-            found = [e for f, e in installed if f == family]
-            if not found:
-                details.append(f"{family} rule is missing")
-            elif nftrules.significant(found[0]) != nftrules.significant(exprs):
-                details.append(
-                    f"{family} rule differs: has '{nftrules.render(found[0])}', wants '{nftrules.render(exprs)}'"
-                )
-            if len(found) > 1:
-                details.append(f"{family} rule is installed {len(found)} times")
-        extra = [f for f, _ in installed if f not in wanted]
-        if extra:
-            details.append(f"unexpected rules for {', '.join(extra)}")
+        by_name = {c.get_attr("NFTA_CHAIN_NAME"): c for c in chains}
+        for name, wanted in nftrules.expected_chains(spec).items():
+            if name not in by_name:
+                details.append(f"chain {name} is missing")
+                continue
+            details.extend(_chain_differences(name, by_name[name]))
+            rules = [(family, exprs) for chain, family, exprs in installed if chain == name]
+            details.extend(_rule_differences("rule" if name == nftrules.CHAIN else f"{name} rule", wanted, rules))
         return details
 
     def close(self) -> None:

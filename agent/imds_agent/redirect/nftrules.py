@@ -1,8 +1,19 @@
 """The nftables rule set as plain data: built from a RedirectSpec, compared, and rendered for operators.
 
 Pure functions only, tested against golden files; nftables.py turns this data into one netlink batch. A rule is a
-list of expressions in the kernel's own vocabulary (meta, cmp, payload, counter, immediate, nat) with byte
+list of expressions in the kernel's own vocabulary (meta, cmp, payload, counter, immediate, nat, reject) with byte
 values in hex, so that what we send and what the kernel reports back compare directly.
+
+The table holds two chains on the output hook:
+
+- ``output`` (nat, priority -150): the redirect, DNAT to the listener for every uid but the agent's.
+- ``guard`` (filter, priority 0): NAT rules are consulted only for a connection's first packet, so a connection
+  conntrack does not see as new is never redirected: one opened while the agent was down (fail_mode open removes
+  the rules) and used after it is back, or one whose SYN matches an entry of the agent's own (a squatted source
+  port). The filter hook runs after nat output, so a redirected packet already carries the listener's address and
+  does not match here; any packet still addressed to the metadata service from another uid went round the
+  redirect, and is rejected with a TCP reset. Reset, not drop: a client holding such a connection fails at once
+  and its retry opens a new connection, which the redirect catches.
 """
 
 from __future__ import annotations
@@ -16,11 +27,18 @@ from .base import OWNER_NAME, RedirectSpec
 TABLE = OWNER_NAME
 CHAIN = "output"
 PRIORITY = -150  # before Docker's and iptables-nft's nat output chains (priority -100)
+GUARD_CHAIN = "guard"
+GUARD_PRIORITY = 0  # NF_IP_PRI_FILTER: after every nat output chain, so only unredirected packets match
+#: Our chains by name: (type, priority). The order is the order they are created in.
+CHAINS = {CHAIN: ("nat", PRIORITY), GUARD_CHAIN: ("filter", GUARD_PRIORITY)}
 NFPROTO = {"ipv4": 2, "ipv6": 10}
 META_KEYS = {"skuid": 10, "nfproto": 15, "l4proto": 16}
 PAYLOAD_BASE = {"network": 1, "transport": 2}
 CMP_OPS = {"eq": 0, "neq": 1}
 NAT_DNAT = 1
+NFT_REJECT_TCP_RST = 1
+#: The ``type`` attribute's values per expression, as the kernel numbers them.
+TYPES = {"nat": {"dnat": NAT_DNAT}, "reject": {"tcp_rst": NFT_REJECT_TCP_RST}}
 # Which attributes of each expression define it (the kernel reports more, e.g. counter values, nat flags).
 SIGNIFICANT = {
     "meta": ("key", "dreg"),
@@ -29,6 +47,7 @@ SIGNIFICANT = {
     "counter": (),
     "immediate": ("dreg", "data"),
     "nat": ("type", "family", "reg_addr_min", "reg_proto_min"),
+    "reject": ("type",),
 }
 
 Expr = list[Any]  # [name, {attr: value}]
@@ -38,8 +57,8 @@ def _cmp(op: str, data: bytes) -> Expr:
     return ["cmp", {"sreg": 1, "op": op, "data": data.hex()}]
 
 
-def rule_exprs(family: str, daddr: str, dport: int, exempt_uid: int, to_addr: str, to_port: int) -> list[Expr]:
-    """``<family> daddr D tcp dport P meta skuid != U counter dnat <family> to A:Q`` as expressions."""
+def _match(family: str, daddr: str, dport: int, exempt_uid: int) -> list[Expr]:
+    """``<family> daddr D tcp dport P meta skuid != U counter``: what both chains select."""
     addr_offset, addr_len = (16, 4) if family == "ipv4" else (24, 16)
     return [
         ["meta", {"key": "nfproto", "dreg": 1}],
@@ -53,43 +72,64 @@ def rule_exprs(family: str, daddr: str, dport: int, exempt_uid: int, to_addr: st
         ["meta", {"key": "skuid", "dreg": 1}],
         _cmp("neq", struct.pack("=I", exempt_uid)),  # skuid is compared in host byte order
         ["counter", {}],
+    ]
+
+
+def rule_exprs(family: str, daddr: str, dport: int, exempt_uid: int, to_addr: str, to_port: int) -> list[Expr]:
+    """``<family> daddr D tcp dport P meta skuid != U counter dnat <family> to A:Q`` as expressions."""
+    return _match(family, daddr, dport, exempt_uid) + [
         ["immediate", {"dreg": 1, "data": ipaddress.ip_address(to_addr).packed.hex()}],
         ["immediate", {"dreg": 2, "data": struct.pack(">H", to_port).hex()}],
         ["nat", {"type": "dnat", "family": family, "reg_addr_min": 1, "reg_proto_min": 2}],
     ]
 
 
+def guard_exprs(family: str, daddr: str, dport: int, exempt_uid: int) -> list[Expr]:
+    """``<family> daddr D tcp dport P meta skuid != U counter reject with tcp reset`` as expressions."""
+    return _match(family, daddr, dport, exempt_uid) + [["reject", {"type": "tcp_rst"}]]
+
+
+def expected_guard(spec: RedirectSpec) -> dict[str, list[Expr]]:
+    """The guard chain's rule expressions per family that ``spec`` asks for."""
+    rules = {"ipv4": guard_exprs("ipv4", spec.ipv4, spec.port, spec.exempt_uid)}
+    if spec.with_ipv6:
+        rules["ipv6"] = guard_exprs("ipv6", spec.ipv6, spec.port, spec.exempt_uid)
+    return rules
+
+
 def expected_rules(spec: RedirectSpec) -> dict[str, list[Expr]]:
-    """The rule expressions per family that ``spec`` asks for."""
+    """The redirect (nat chain) rule expressions per family that ``spec`` asks for."""
     rules = {"ipv4": rule_exprs("ipv4", spec.ipv4, spec.port, spec.exempt_uid, spec.to_ipv4, spec.listen_port)}
     if spec.with_ipv6:
         rules["ipv6"] = rule_exprs("ipv6", spec.ipv6, spec.port, spec.exempt_uid, spec.to_ipv6, spec.listen_port)
     return rules
 
 
+def expected_chains(spec: RedirectSpec) -> dict[str, dict[str, list[Expr]]]:
+    """Per chain, the rule expressions per family that ``spec`` asks for."""
+    return {CHAIN: expected_rules(spec), GUARD_CHAIN: expected_guard(spec)}
+
+
 def build_ruleset(spec: RedirectSpec, owned: bool) -> list[dict[str, Any]]:
-    """The whole transaction as data: make sure the table exists, delete it, create it afresh with its chain and
-    rules. In one batch this is atomic and idempotent (nothing of an older version survives, nothing doubles)."""
+    """The whole transaction as data: make sure the table exists, delete it, create it afresh with its chains
+    (the redirect, then the guard) and their rules. In one batch this is atomic and idempotent (nothing of an older
+    version survives, nothing doubles), and the guard never exists without the redirect or the other way round."""
     ops: list[dict[str, Any]] = [
         {"op": "add", "object": "table", "name": TABLE, "flags": []},
         {"op": "delete", "object": "table", "name": TABLE},
         {"op": "add", "object": "table", "name": TABLE, "flags": ["owner"] if owned else []},
-        {
-            "op": "add",
-            "object": "chain",
-            "table": TABLE,
-            "name": CHAIN,
-            "type": "nat",
-            "hook": "output",
-            "priority": PRIORITY,
-            "policy": "accept",
-        },
     ]
-    for family, exprs in expected_rules(spec).items():
+    for chain, rules in expected_chains(spec).items():
+        kind, priority = CHAINS[chain]
         ops.append(
-            {"op": "add", "object": "rule", "table": TABLE, "chain": CHAIN, "family": family, "comment": OWNER_NAME,
-             "expr": exprs}
+            {"op": "add", "object": "chain", "table": TABLE, "name": chain, "type": kind, "hook": "output",
+             "priority": priority, "policy": "accept"}
         )  # fmt: skip
+        for family, exprs in rules.items():
+            ops.append(
+                {"op": "add", "object": "rule", "table": TABLE, "chain": chain, "family": family,
+                 "comment": OWNER_NAME, "expr": exprs}
+            )  # fmt: skip
     return ops
 
 
@@ -132,6 +172,8 @@ def render(exprs: list[Expr]) -> str:
             target = f"[{host}]" if len(addr) == 16 else host
             family = "ip" if attrs.get("family") == "ipv4" else "ip6"
             words.append(f"{attrs.get('type')} {family} to {target}:{struct.unpack('>H', port)[0] if port else '?'}")
+        elif name == "reject":
+            words.append("reject with tcp reset" if attrs.get("type") == "tcp_rst" else f"reject {attrs.get('type')}")
         else:
             words.append(name)
     return " ".join(w for w in words if w)

@@ -39,12 +39,12 @@ def decoded(cls: Any, data: bytes) -> Any:
     return msg
 
 
-def rule_message(exprs: list[Any], backend: Optional[NftablesBackend] = None) -> Any:
+def rule_message(exprs: list[Any], backend: Optional[NftablesBackend] = None, chain: str = nftrules.CHAIN) -> Any:
     """A rule as the kernel would report it: encoded by the backend, decoded by pyroute2."""
     expressions = [_expr_to_netlink(name, attrs) for name, attrs in exprs]
     attrs = [
         ("NFTA_RULE_TABLE", nftrules.TABLE),
-        ("NFTA_RULE_CHAIN", nftrules.CHAIN),
+        ("NFTA_RULE_CHAIN", chain),
         ("NFTA_RULE_EXPRESSIONS", expressions),
     ]
     return decoded(nft_rule_msg, (backend or NftablesBackend())._encode(nft_rule_msg, NFT_MSG_NEWRULE, attrs, 0))
@@ -59,6 +59,24 @@ def chain_message(kind: str = "nat", priority: int = nftrules.PRIORITY, name: st
         ("NFTA_CHAIN_TYPE", kind),
     ]
     return decoded(nft_chain_msg, NftablesBackend()._encode(nft_chain_msg, NFT_MSG_NEWCHAIN, attrs, 0))
+
+
+def guard_message(kind: str = "filter", priority: int = nftrules.GUARD_PRIORITY) -> Any:
+    return chain_message(kind, priority, nftrules.GUARD_CHAIN)
+
+
+def our_chains() -> list[Any]:
+    """Both chains of our table, as build_ruleset creates them."""
+    return [chain_message(), guard_message()]
+
+
+def all_rule_messages(spec: RedirectSpec) -> list[Any]:
+    """Every rule of a table built from ``spec``, as the kernel reports them."""
+    return [
+        rule_message(exprs, chain=chain)
+        for chain, rules in nftrules.expected_chains(spec).items()
+        for exprs in rules.values()
+    ]
 
 
 def table_message(flags: int) -> Any:
@@ -88,12 +106,28 @@ def test_batch_marker_is_a_bare_nfgenmsg_addressed_to_nftables() -> None:
     assert struct.unpack_from("=IHHII", backend._batch_marker(0x11))[1:4] == (0x11, REQUEST, 8)
 
 
+@pytest.mark.parametrize("chain", [nftrules.CHAIN, nftrules.GUARD_CHAIN])
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
-def test_expressions_survive_the_netlink_round_trip(family: str) -> None:
-    exprs = nftrules.expected_rules(SPEC)[family]
-    back = [_expr_from_netlink(e) for e in rule_message(exprs).get_attr("NFTA_RULE_EXPRESSIONS")]
+def test_expressions_survive_the_netlink_round_trip(family: str, chain: str) -> None:
+    exprs = nftrules.expected_chains(SPEC)[chain][family]
+    back = [_expr_from_netlink(e) for e in rule_message(exprs, chain=chain).get_attr("NFTA_RULE_EXPRESSIONS")]
     assert [expr for expr, _ in back] == exprs
     assert [counters for _, counters in back if counters is not None] == [(0, 0)]
+
+
+def test_reject_is_sent_as_a_tcp_reset_and_read_back_as_one() -> None:
+    (_, reject) = nftrules.guard_exprs("ipv4", "169.254.169.254", 80, 990)[-1]
+    data = _expr_to_netlink("reject", reject)["attrs"][1][1]["attrs"]
+    assert data == [("NFTA_REJECT_TYPE", 1)]  # NFT_REJECT_TCP_RST, not NFT_NAT_DNAT's 1 by accident
+    (expr,) = rule_message([["reject", reject]]).get_attr("NFTA_RULE_EXPRESSIONS")
+    assert _expr_from_netlink(expr) == (["reject", {"type": "tcp_rst"}], None)
+    icmp = {"attrs": [("NFTA_EXPR_NAME", "reject"), ("NFTA_EXPR_DATA", {"attrs": [("NFTA_REJECT_TYPE", 0)]})]}
+    attrs = [("NFTA_RULE_TABLE", nftrules.TABLE), ("NFTA_RULE_EXPRESSIONS", [icmp])]
+    msg = decoded(nft_rule_msg, NftablesBackend()._encode(nft_rule_msg, NFT_MSG_NEWRULE, attrs, 0))
+    (expr,) = msg.get_attr("NFTA_RULE_EXPRESSIONS")
+    got = _expr_from_netlink(expr)[0]
+    assert got == ["reject", {"type": "icmp_unreach"}]  # another reject is read as what it is, and differs
+    assert nftrules.significant([got]) != nftrules.significant([["reject", reject]])
 
 
 def test_counter_values_come_back_as_packets_then_bytes() -> None:
@@ -161,19 +195,23 @@ def test_apply_sends_one_batch_replacing_the_table() -> None:
     backend_on(sock).apply(SPEC, owned=True)
     kinds = [(msg_type & 0xFF if msg_type >> 8 else msg_type) for msg_type, _, _, _ in sock.sent]
     new_table, del_table, new_chain, new_rule = NFT_MSG_NEWTABLE, NFT_MSG_DELTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE
-    assert kinds == [0x10, new_table, del_table, new_table, new_chain, new_rule, new_rule, 0x11]
+    assert kinds == [0x10, new_table, del_table, new_table, new_chain, new_rule, new_rule, new_chain, new_rule,
+                     new_rule, 0x11]  # fmt: skip
     assert len({seq for _, _, seq, _ in sock.sent}) == len(sock.sent)
     assert all(flags & ACK for _, flags, _, _ in sock.sent[1:-1])
     first, owned = (decoded(nft_table_msg, sock.sent[i][3]) for i in (1, 3))
     assert first.get_attr("NFTA_TABLE_FLAGS") is None and owned.get_attr("NFTA_TABLE_FLAGS") == NFT_TABLE_F_OWNER
-    chain = decoded(nft_chain_msg, sock.sent[4][3])
-    assert (chain.get_attr("NFTA_CHAIN_TYPE"), chain.get_attr("NFTA_CHAIN_HOOK").get_attr("NFTA_HOOK_PRIORITY")) == (
-        "nat",
-        nftrules.PRIORITY,
-    )
-    rules = [decoded(nft_rule_msg, raw) for _, _, _, raw in sock.sent[5:7]]
-    got = [[_expr_from_netlink(e)[0] for e in r.get_attr("NFTA_RULE_EXPRESSIONS")] for r in rules]
-    assert got == list(nftrules.expected_rules(SPEC).values())
+    chains = [decoded(nft_chain_msg, sock.sent[i][3]) for i in (4, 7)]
+    assert [
+        (c.get_attr("NFTA_CHAIN_NAME"), c.get_attr("NFTA_CHAIN_TYPE"),
+         c.get_attr("NFTA_CHAIN_HOOK").get_attr("NFTA_HOOK_PRIORITY"))
+        for c in chains
+    ] == [("output", "nat", nftrules.PRIORITY), ("guard", "filter", 0)]  # fmt: skip
+    for chain, indexes in ((nftrules.CHAIN, (5, 6)), (nftrules.GUARD_CHAIN, (8, 9))):
+        rules = [decoded(nft_rule_msg, sock.sent[i][3]) for i in indexes]
+        assert {r.get_attr("NFTA_RULE_CHAIN") for r in rules} == {chain}
+        got = [[_expr_from_netlink(e)[0] for e in r.get_attr("NFTA_RULE_EXPRESSIONS")] for r in rules]
+        assert got == list(nftrules.expected_chains(SPEC)[chain].values())
 
 
 def test_an_unowned_table_is_created_without_the_owner_flag() -> None:
@@ -184,67 +222,117 @@ def test_an_unowned_table_is_created_without_the_owner_flag() -> None:
 
 def test_a_refused_operation_is_named_in_the_error() -> None:
     sock = FakeNetlink(refuse=(3, errno.EPERM))  # the chain
-    with pytest.raises(RedirectError, match=r"refused at add chain: Operation not permitted \(needs CAP_NET_ADMIN"):
+    with pytest.raises(
+        RedirectError, match=r"refused at add chain output \(nat\): Operation not permitted \(needs CAP_NET_ADMIN"
+    ):
+        backend_on(sock).apply(SPEC, owned=True)
+
+
+def test_a_kernel_without_reject_is_named_when_the_guard_is_refused() -> None:
+    sock = FakeNetlink(refuse=(7, errno.ENOENT))  # the guard's ipv4 rule
+    with pytest.raises(
+        RedirectError, match=r"refused at add rule ipv4 in guard \(reject with tcp reset: nft_reject_inet\): No such"
+    ):
         backend_on(sock).apply(SPEC, owned=True)
 
 
 # --- differences ----------------------------------------------------------------------------------------------------
 
 
-def installed(spec: RedirectSpec) -> list[tuple[str, list[Any]]]:
-    """What the kernel reports for a table built from ``spec``: rules read back through netlink."""
+def installed(spec: RedirectSpec) -> list[tuple[str, str, list[Any]]]:
+    """What the kernel reports for a table built from ``spec``: (chain, family, rule) read back through netlink."""
     out = []
-    for exprs in nftrules.expected_rules(spec).values():
-        back = [_expr_from_netlink(e)[0] for e in rule_message(exprs).get_attr("NFTA_RULE_EXPRESSIONS")]
-        out.append((nftrules.rule_family(back) or "?", back))
+    for chain, rules in nftrules.expected_chains(spec).items():
+        for exprs in rules.values():
+            msg = rule_message(exprs, chain=chain)
+            back = [_expr_from_netlink(e)[0] for e in msg.get_attr("NFTA_RULE_EXPRESSIONS")]
+            out.append((msg.get_attr("NFTA_RULE_CHAIN"), nftrules.rule_family(back) or "?", back))
     return out
 
 
+def differences(chains: list[Any], rules: list[tuple[str, str, list[Any]]], spec: RedirectSpec = SPEC) -> list[str]:
+    return NftablesBackend._differences(spec, chains, rules)
+
+
 def test_a_table_built_from_the_spec_has_no_differences() -> None:
-    assert NftablesBackend._differences(SPEC, [chain_message()], installed(SPEC)) == []
+    assert differences(our_chains(), installed(SPEC)) == []
 
 
 def test_attributes_the_kernel_adds_are_not_differences() -> None:
     rules = installed(SPEC)
-    for _, exprs in rules:
-        exprs[-1][1]["flags"] = 2  # NF_NAT_RANGE_MAP_IPS, reported by the kernel
-    assert NftablesBackend._differences(SPEC, [chain_message()], rules) == []
+    for chain, _, exprs in rules:
+        if chain == nftrules.CHAIN:
+            exprs[-1][1]["flags"] = 2  # NF_NAT_RANGE_MAP_IPS, reported by the kernel
+    assert differences(our_chains(), rules) == []
 
 
-def test_a_missing_chain_is_reported_alone() -> None:
+def test_missing_chains_are_reported() -> None:
     other = chain_message(name="input")
-    assert NftablesBackend._differences(SPEC, [other], installed(SPEC)) == ["chain output is missing"]
+    assert differences([other], installed(SPEC)) == ["chain output is missing", "chain guard is missing"]
+    assert differences([chain_message()], installed(SPEC)) == ["chain guard is missing"]
 
 
 @pytest.mark.parametrize("chain", [chain_message(kind="filter"), chain_message(priority=-100)], ids=["type", "prio"])
 def test_a_chain_of_the_wrong_type_or_priority_is_reported(chain: Any) -> None:
-    assert NftablesBackend._differences(SPEC, [chain], installed(SPEC)) == [
+    assert differences([chain, guard_message()], installed(SPEC)) == [
         "chain output is not a nat chain at priority -150"
     ]
 
 
+@pytest.mark.parametrize("guard", [guard_message(kind="nat"), guard_message(priority=-200)], ids=["type", "prio"])
+def test_a_guard_chain_of_the_wrong_type_or_priority_is_reported(guard: Any) -> None:
+    # Before the nat chains, the guard would reject every connection, redirected or not.
+    assert differences([chain_message(), guard], installed(SPEC)) == ["chain guard is not a filter chain at priority 0"]
+
+
 def test_a_missing_rule_is_reported() -> None:
-    v4_only = [r for r in installed(SPEC) if r[0] == "ipv4"]
-    assert NftablesBackend._differences(SPEC, [chain_message()], v4_only) == ["ipv6 rule is missing"]
+    no_v6 = [r for r in installed(SPEC) if r[:2] != (nftrules.CHAIN, "ipv6")]
+    assert differences(our_chains(), no_v6) == ["ipv6 rule is missing"]
+
+
+def test_a_missing_guard_rule_is_reported() -> None:
+    no_guard_v4 = [r for r in installed(SPEC) if r[:2] != (nftrules.GUARD_CHAIN, "ipv4")]
+    assert differences(our_chains(), no_guard_v4) == ["ipv4 guard rule is missing"]
+    nat_only = [r for r in installed(SPEC) if r[0] == nftrules.CHAIN]
+    assert differences(our_chains(), nat_only) == ["ipv4 guard rule is missing", "ipv6 guard rule is missing"]
 
 
 def test_a_changed_rule_is_reported_with_both_versions() -> None:
-    rules = [r for r in installed(SPEC) if r[0] == "ipv6"] + installed(RedirectSpec(exempt_uid=0, listen_port=8775))[:1]
-    (detail,) = NftablesBackend._differences(SPEC, [chain_message()], rules)
+    other = [r for r in installed(RedirectSpec(exempt_uid=0, listen_port=8775)) if r[:2] == (nftrules.CHAIN, "ipv4")]
+    rules = [r for r in installed(SPEC) if r[:2] != (nftrules.CHAIN, "ipv4")] + other
+    (detail,) = differences(our_chains(), rules)
     assert detail.startswith("ipv4 rule differs: has '")
     assert "meta skuid != 0 " in detail and "wants '" in detail and "meta skuid != 990 " in detail
 
 
+@pytest.mark.parametrize(
+    ("index", "attrs", "seen"),
+    [(-1, {"type": "icmp_unreach"}, "reject icmp_unreach"), (-3, {"sreg": 1, "op": "eq"}, "meta skuid 990")],
+    ids=["reject", "uid"],
+)
+def test_a_changed_guard_rule_is_reported_with_both_versions(index: int, attrs: dict[str, Any], seen: str) -> None:
+    rules = installed(SPEC)
+    ((_, _, exprs),) = [r for r in rules if r[:2] == (nftrules.GUARD_CHAIN, "ipv6")]
+    exprs[index][1].update(attrs)
+    (detail,) = differences(our_chains(), rules)
+    assert detail.startswith("ipv6 guard rule differs: has '") and seen in detail
+    assert detail.endswith("wants 'meta l4proto tcp ip6 daddr fd00:ec2::254 tcp dport 80 meta skuid != 990 counter "
+                           "reject with tcp reset'")  # fmt: skip
+
+
 def test_a_doubled_rule_is_reported() -> None:
     rules = installed(SPEC)
-    assert NftablesBackend._differences(SPEC, [chain_message()], rules + rules[:1]) == [
-        "ipv4 rule is installed 2 times"
-    ]
+    assert differences(our_chains(), rules + rules[:1]) == ["ipv4 rule is installed 2 times"]
+    guard = [r for r in rules if r[0] == nftrules.GUARD_CHAIN]
+    assert differences(our_chains(), rules + guard[1:]) == ["ipv6 guard rule is installed 2 times"]
 
 
 def test_a_rule_the_spec_does_not_want_is_reported() -> None:
     v4_spec = RedirectSpec(exempt_uid=990, listen_port=8775, with_ipv6=False)
-    assert NftablesBackend._differences(v4_spec, [chain_message()], installed(SPEC)) == ["unexpected rules for ipv6"]
+    assert differences(our_chains(), installed(SPEC), v4_spec) == [
+        "unexpected rules for ipv6",
+        "unexpected guard rules for ipv6",
+    ]
 
 
 # --- check ----------------------------------------------------------------------------------------------------------
@@ -264,19 +352,28 @@ def test_check_without_our_table_is_absent() -> None:
 
 
 def test_check_reads_rules_back_with_their_counters_and_ownership() -> None:
-    rules = [rule_message(exprs) for exprs in nftrules.expected_rules(SPEC).values()]
-    result = backend_listing(table_message(NFT_TABLE_F_OWNER), [chain_message()], rules).check(SPEC)
+    result = backend_listing(table_message(NFT_TABLE_F_OWNER), our_chains(), all_rule_messages(SPEC)).check(SPEC)
     assert (result.state, result.details, result.owned) == (State.PRESENT, (), True)
-    assert [(r.family, r.packets, r.bytes) for r in result.rules] == [("ipv4", 0, 0), ("ipv6", 0, 0)]
+    assert [(r.family, r.packets, r.bytes) for r in result.rules] == [("ipv4", 0, 0), ("ipv6", 0, 0)] * 2
     assert result.rules[0].text == (
         "meta l4proto tcp ip daddr 169.254.169.254 tcp dport 80 meta skuid != 990 counter dnat ip to 127.0.0.1:8775"
+    )
+    assert result.rules[3].text == (
+        "meta l4proto tcp ip6 daddr fd00:ec2::254 tcp dport 80 meta skuid != 990 counter reject with tcp reset"
     )
 
 
 def test_check_of_a_partial_table_is_partial() -> None:
-    rules = [rule_message(nftrules.expected_rules(SPEC)["ipv4"])]
-    result = backend_listing(table_message(0), [chain_message()], rules).check(SPEC)
+    rules = [rule_message(nftrules.expected_rules(SPEC)["ipv4"])] + all_rule_messages(SPEC)[2:]
+    result = backend_listing(table_message(0), our_chains(), rules).check(SPEC)
     assert (result.state, result.details, result.owned) == (State.PARTIAL, ("ipv6 rule is missing",), False)
+
+
+def test_check_without_the_guard_is_partial() -> None:
+    """A table an older agent (or an administrator) left with the redirect alone is repaired, not accepted."""
+    rules = all_rule_messages(SPEC)[:2]
+    result = backend_listing(table_message(0), [chain_message()], rules).check(SPEC)
+    assert (result.state, result.details) == (State.PARTIAL, ("chain guard is missing",))
 
 
 def test_table_ownership_is_probed_once_and_both_answers_are_followed(monkeypatch: pytest.MonkeyPatch) -> None:

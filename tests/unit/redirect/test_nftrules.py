@@ -48,3 +48,22 @@ def test_significant_ignores_what_the_kernel_adds() -> None:
     assert nftrules.significant(kernel) == nftrules.significant(exprs)
     other = nftrules.rule_exprs("ipv4", "169.254.169.254", 80, 991, "127.0.0.1", 8775)
     assert nftrules.significant(other) != nftrules.significant(exprs)
+
+
+def test_the_guard_rejects_what_the_redirect_missed_after_every_nat_chain() -> None:
+    spec = RedirectSpec(exempt_uid=990, listen_port=8775)
+    ops = nftrules.build_ruleset(spec, owned=True)
+    chains = [(o["name"], o["type"], o["hook"], o["priority"]) for o in ops if o["object"] == "chain"]
+    assert chains == [("output", "nat", "output", -150), ("guard", "filter", "output", 0)]
+    guard = [o for o in ops if o["object"] == "rule" and o["chain"] == "guard"]
+    assert [(o["family"], o["comment"]) for o in guard] == [("ipv4", "imds_agent"), ("ipv6", "imds_agent")]
+    assert [nftrules.render(o["expr"]) for o in guard] == [
+        "meta l4proto tcp ip daddr 169.254.169.254 tcp dport 80 meta skuid != 990 counter reject with tcp reset",
+        "meta l4proto tcp ip6 daddr fd00:ec2::254 tcp dport 80 meta skuid != 990 counter reject with tcp reset",
+    ]
+    # The guard selects exactly what the redirect selects; only the verdict differs.
+    redirect = nftrules.expected_rules(spec)
+    for family, exprs in nftrules.expected_guard(spec).items():
+        assert exprs[:-1] == redirect[family][:-3] and exprs[-1] == ["reject", {"type": "tcp_rst"}]
+    v4_only = nftrules.expected_chains(RedirectSpec(exempt_uid=990, listen_port=8775, with_ipv6=False))
+    assert {chain: sorted(rules) for chain, rules in v4_only.items()} == {"output": ["ipv4"], "guard": ["ipv4"]}
