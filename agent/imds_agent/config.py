@@ -19,6 +19,7 @@ from .redirect.registry import CHOICES as BACKENDS
 
 DEFAULT_PATH = "/etc/imds-agent/agent.yaml"
 MODES = ("audit", "enforce")
+DEFAULT_PORT = 968
 FAIL_MODES = ("open", "closed")
 MAX_TOKEN_TTL = 21600
 
@@ -56,14 +57,23 @@ def _timeout(value: float, key: str) -> None:
 class ListenConfig:
     """Where the forwarder listens and how it treats its clients."""
 
-    port: int = 8775  # 0 picks a free port (the redirect follows it); tests use that
+    # Below 1024, so that only root (or CAP_NET_BIND_SERVICE) can bind it: an ordinary user who took the port
+    # while the agent restarts would answer every redirected client. 0 picks a free port at start (tests).
+    port: int = DEFAULT_PORT
     addresses: tuple[str, ...] = ("127.0.0.1", "::1")
+    allow_unprivileged_port: bool = False  # the operator accepts that a local user could take a port >= 1024
     max_connections: int = 512
     idle_timeout: float = 30.0  # a keep-alive connection with no new request is closed after this
     request_timeout: float = 5.0  # a request's line and headers must arrive within this (slow clients -> 408)
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", f"port must be 0..65535, got {self.port}")
+        _check(
+            self.port < 1024 or self.allow_unprivileged_port,
+            "port",
+            f"port {self.port} can be bound by any local user, who could answer the redirected clients while the "
+            "agent restarts; choose a port below 1024 or set listen.allow_unprivileged_port: true",
+        )
         _check(len(self.addresses) > 0, "addresses", "needs at least one address")
         for addr in self.addresses:
             try:

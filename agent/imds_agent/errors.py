@@ -77,3 +77,9 @@ class UpstreamError(AgentError):
 
 class TokenError(UpstreamError):
     """No valid IMDSv2 session token could be obtained."""
+
+
+class ListenError(AgentError):
+    """The agent cannot listen where it must (the port is taken, the address is missing); names the cause."""
+
+    exit_code = EXIT_RUNTIME

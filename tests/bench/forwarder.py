@@ -45,7 +45,8 @@ def processes(tmp: str) -> Iterator[tuple[int, int, int]]:
     config = os.path.join(tmp, "agent.yaml")
     with open(config, "w") as fh:
         fh.write(
-            f"user: '{os.getuid()}'\nlisten: {{port: {agent_port}, addresses: [127.0.0.1]}}\n"
+            f"user: '{os.getuid()}'\n"
+            f"listen: {{port: {agent_port}, addresses: [127.0.0.1], allow_unprivileged_port: true}}\n"
             f"upstream: {{ipv4: 127.0.0.1, port: {emu_port}}}\nredirect: {{enabled: false}}\n"
             f"policy: {{dir: {tmp}/policy.d, default: allow}}\n"
             f"audit: {{log: {tmp}/audit.jsonl, state_dir: {tmp}}}\n"

@@ -17,7 +17,7 @@ def write(tmp_path: Path, text: str) -> str:
 def test_missing_default_file_gives_defaults(tmp_path: Path) -> None:
     config = configmod.load(str(tmp_path / "absent.yaml"))
     assert config == configmod.Config()
-    assert config.mode == "audit" and config.listen.port == 8775 and config.token.ttl == 21600
+    assert config.mode == "audit" and config.listen.port == 968 and config.token.ttl == 21600
 
 
 def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
@@ -35,7 +35,7 @@ def test_values_are_read(tmp_path: Path) -> None:
     config = configmod.load(
         write(
             tmp_path,
-            "mode: enforce\nlisten: {port: 9000, addresses: [127.0.0.1]}\n"
+            "mode: enforce\nlisten: {port: 9000, addresses: [127.0.0.1], allow_unprivileged_port: true}\n"
             "upstream:\n  read_timeout: 2\n  ipv4: 127.0.0.2\ntoken: {ttl: 600, refresh_margin: 60}\n"
             "redirect: {backend: iptables, ipv6: false, fail_mode: closed}\n",
         )
@@ -54,6 +54,7 @@ def test_values_are_read(tmp_path: Path) -> None:
     [
         ("mode: permissive\n", 1, "mode", "audit or enforce"),
         ("listen:\n  port: 70000\n", 2, "listen.port", "0..65535"),
+        ("listen:\n  port: 8775\n", 2, "listen.port", "can be bound by any local user"),
         ("listen:\n  port: '80'\n", 2, "listen.port", "must be an integer"),
         ("token:\n  ttl: 600\n  refresh_margin: 600\n", 3, "token.refresh_margin", "less than ttl"),
         ("token:\n  ttl: 21601\n", 2, "token.ttl", "1..21600"),
@@ -66,7 +67,7 @@ def test_values_are_read(tmp_path: Path) -> None:
         ("listen: 8775\n", 1, "listen", "must be a mapping"),
         ("upstream: {connect_timeout: 0}\n", 1, "upstream.connect_timeout", "> 0"),
         ("user: 998\n", 1, "user", "quote it: '998'"),
-        ("listen:\n  port: 9000\n  addresses: [127.0.0.1]\n", 3, "listen.addresses", "must include ::1"),
+        ("listen:\n  port: 900\n  addresses: [127.0.0.1]\n", 3, "listen.addresses", "must include ::1"),
         ("redirect: {ipv6: false}\nlisten: {addresses: ['::1']}\n", 2, "listen.addresses", "include 127.0.0.1"),
     ],
 )

@@ -237,3 +237,24 @@ def _same_file(exe_link: str, path: str) -> bool:
     except OSError:
         return False
     return (running.st_dev, running.st_ino) == (named.st_dev, named.st_ino)
+
+
+def port_holder(port: int, proc: str = PROC) -> Optional[str]:
+    """Who listens on TCP ``port`` (any address, either family), described for an error message; None when no
+    readable process does. Used once, when the agent cannot bind its port."""
+    index = ProcessIndex(proc)
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"{proc}/net/{table}", encoding="ascii") as fh:
+                lines = fh.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or fields[3] != "0A" or int(fields[1].rsplit(":", 1)[1], 16) != port:
+                continue  # 0A: TCP_LISTEN
+            pid = index.find_pid(int(fields[9]), int(fields[7]))
+            if pid is not None:
+                return index.describe(pid).describe()
+            return f"a socket of uid {fields[7]}"
+    return None

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from ..config import ListenConfig
-from ..errors import AgentError
+from ..errors import ListenError
+from ..identity.procs import port_holder
 from .handler import Forwarder
 from .httpio import HttpError, RequestReader, error_response
 from .types import Address, Answer, Client
@@ -109,13 +110,17 @@ class ProxyServer:
                     continue
                 self.close()
                 host = f"[{address}]" if family == socket.AF_INET6 else address
-                raise AgentError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+                why = exc.strerror or str(exc)
+                if exc.errno == errno.EADDRINUSE:
+                    holder = port_holder(port)
+                    why += f" (held by {holder})" if holder else " (by a process the agent cannot see)"
+                raise ListenError(f"cannot listen on {host}:{port}: {why}") from None
             self._listeners.append(sock)
             if port == 0:
                 # Listen on the same port everywhere so the redirect has one target port.
                 port = sock.getsockname()[1]
         if not self._listeners:
-            raise AgentError(f"no listen address could be bound ({', '.join(self.config.addresses)})")
+            raise ListenError(f"no listen address could be bound ({', '.join(self.config.addresses)})")
 
     def start(self) -> None:
         """Bind if needed and start accepting in a background thread."""
