@@ -47,7 +47,8 @@ def test_clients_reach_the_agent_and_the_agent_uid_goes_direct(netns_name: str) 
             assert ls.connect_as(AGENT_UID, "fd00:ec2::254")[0] == "real"
             result = backend.check(spec)
             assert result.state is State.PRESENT, result.details
-            assert {r.family: r.packets for r in result.rules} == {"ipv4": 1, "ipv6": 1}
+            counts = {(r.family, r.text.split(" ")[1]): r.packets for r in result.rules}
+            assert counts == {("ipv4", "nat"): 1, ("ipv6", "nat"): 1, ("ipv4", "filter"): 0, ("ipv6", "filter"): 0}
         finally:
             backend.remove()
 
@@ -76,6 +77,13 @@ def test_idempotent_apply_repair_and_clean_removal_next_to_docker_rules(netns_na
     assert any("ipv6 jump from OUTPUT is missing" in d for d in backend.check(spec).details)
     backend.apply(spec)
     assert backend.check(spec).state is State.PRESENT and dump() == first
+    run(["ip6tables-legacy", "-F", "IMDS_AGENT"])  # the guard's rules, in the filter table
+    assert "ipv6 filter rules differ: has 0" in "; ".join(backend.check(spec).details)
+    run(["iptables-legacy", "-D", "OUTPUT", "-m", "comment", "--comment", "imds_agent", "-j", "IMDS_AGENT"])
+    assert "ipv4 filter jump from OUTPUT is missing" in backend.check(spec).details
+    backend.apply(spec)
+    assert backend.check(spec).state is State.PRESENT and dump() == first
+    assert first.count("-j REJECT --reject-with tcp-reset") == 2
     assert backend.remove() is True
     assert backend.remove() is False
     assert dump() == before

@@ -1,5 +1,6 @@
-"""The iptables backend, for hosts that use legacy xtables: our own IMDS_AGENT chain in the nat table, jumped to
-from OUTPUT, with `-m owner ! --uid-owner`; ip6tables for IPv6.
+"""The iptables backend, for hosts that use legacy xtables: our own IMDS_AGENT chain in the nat table (the redirect,
+`-m owner ! --uid-owner`) and one in the filter table (the guard, see iptrules), each jumped to first from that
+table's OUTPUT; ip6tables for IPv6.
 
 The editing happens in iptworker processes (one per family and operation, see there for why); this class turns
 their JSON answers into the backend protocol. iptables cannot tie rules to a process, so fail_mode open after a
@@ -77,7 +78,8 @@ def legacy_rules_in_use() -> bool:
 
 
 class IptablesBackend:
-    """Redirect with an IMDS_AGENT chain in the legacy nat tables (IPv4 and IPv6)."""
+    """Redirect with an IMDS_AGENT chain in the legacy nat tables and guard with one in the filter tables (IPv4 and
+    IPv6)."""
 
     name = "iptables"
     # libiptc talks to the kernel through a raw socket, so repairs need CAP_NET_RAW as well.
@@ -91,7 +93,8 @@ class IptablesBackend:
         return False
 
     def is_supported(self) -> bool:
-        """Whether python-iptables, the legacy nat tables and the owner, comment and DNAT extensions work here."""
+        """Whether python-iptables, the legacy nat and filter tables and the owner, comment, DNAT and REJECT
+        extensions work here."""
         try:
             _worker("ipv4", "probe")
         except RedirectError as exc:
@@ -107,7 +110,8 @@ class IptablesBackend:
         return self._reason
 
     def apply(self, spec: RedirectSpec, owned: bool = False) -> None:
-        """Install our chain and jump for each family in the spec; remove IPv6 ones when IPv6 is off."""
+        """Install our chains and jumps (nat, then filter) for each family in the spec; remove IPv6 ones when IPv6
+        is off."""
         del owned  # iptables rules cannot belong to a process; see guardian.py
         wanted = iptrules.build_rules(spec)
         for family, data in wanted.items():
@@ -125,23 +129,26 @@ class IptablesBackend:
             raise
 
     def remove(self) -> bool:
-        """Remove our chains and jumps from both families."""
+        """Remove our chains and jumps from both tables of both families."""
         removed = False
         for family in iptrules.FAMILIES:
             removed = self._remove_family(family) or removed
         return removed
 
     def check(self, spec: Optional[RedirectSpec] = None) -> CheckResult:
-        """Compare both families' chains and jumps with ``spec``."""
+        """Compare both families' chains and jumps, in both tables, with ``spec``."""
         wanted = iptrules.build_rules(spec) if spec is not None else {}
         details: list[str] = []
         views: list[RuleView] = []
         present_any = False
         for family in iptrules.FAMILIES:
-            found = _worker(family, "state")
-            present_any = present_any or found["chain"] or found["jumps"] > 0
-            for rule in found["rules"]:
-                views.append(RuleView(family, iptrules.render(rule), rule.get("packets"), rule.get("bytes")))
+            found = _worker(family, "state")["tables"]
+            for table in iptrules.TABLES:
+                part = found.get(table, {})
+                present_any = present_any or bool(part.get("chain")) or part.get("jumps", 0) > 0
+                for rule in part.get("rules", []):
+                    text = f"-t {table} {iptrules.render(rule)}"
+                    views.append(RuleView(family, text, rule.get("packets"), rule.get("bytes")))
             if spec is not None:
                 details.extend(self._differences(family, found, wanted.get(family)))
         if not present_any:
@@ -150,21 +157,33 @@ class IptablesBackend:
 
     @staticmethod
     def _differences(family: str, found: dict[str, Any], wanted: Optional[dict[str, Any]]) -> list[str]:
+        """``found``: per table, what the worker's state read; ``wanted``: the family's part of build_rules."""
         if wanted is None:
-            return [f"{family} rules are installed but not wanted"] if found["chain"] or found["jumps"] else []
+            installed = any(part.get("chain") or part.get("jumps") for part in found.values())
+            return [f"{family} rules are installed but not wanted"] if installed else []
+        out: list[str] = []
+        empty = {"chain": False, "jumps": 0, "jump_first": False, "rules": []}
+        for part in wanted["tables"]:
+            # The nat table's messages name no table (it was the only one); the guard's say "filter".
+            label = f"{family} " if part["table"] == "nat" else f"{family} {part['table']} "
+            out.extend(IptablesBackend._table_differences(label, found.get(part["table"], empty), part))
+        return out
+
+    @staticmethod
+    def _table_differences(label: str, found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
         out: list[str] = []
         if not found["chain"]:
-            out.append(f"{family} chain IMDS_AGENT is missing")
+            out.append(f"{label}chain IMDS_AGENT is missing")
         if found["jumps"] == 0:
-            out.append(f"{family} jump from OUTPUT is missing")
+            out.append(f"{label}jump from OUTPUT is missing")
         elif found["jumps"] > 1:
-            out.append(f"{family} OUTPUT jumps to IMDS_AGENT {found['jumps']} times")
+            out.append(f"{label}OUTPUT jumps to IMDS_AGENT {found['jumps']} times")
         elif not found["jump_first"]:
-            out.append(f"{family} jump is not the first rule in OUTPUT")
+            out.append(f"{label}jump is not the first rule in OUTPUT")
         have = [iptrules.significant(r) for r in found["rules"]]
         want = [iptrules.significant(r) for r in wanted["rules"]]
         if found["chain"] and have != want:
-            out.append(f"{family} rules differ: has {len(have)}, wants '{iptrules.render(wanted['rules'][0])}'")
+            out.append(f"{label}rules differ: has {len(have)}, wants '{iptrules.render(wanted['rules'][0])}'")
         return out
 
     def close(self) -> None:

@@ -1,6 +1,22 @@
 """The iptables rule set as plain data, per address family, and its iptables-save rendering.
 
 Pure functions, golden-file tested; the worker process applies the data with python-iptables.
+
+Per family, two tables hold a chain named IMDS_AGENT, each jumped to first from their OUTPUT chain:
+
+- nat: the redirect, DNAT to the listener for every uid but the agent's.
+- filter: the guard. NAT rules are consulted only for a connection's first packet, so a connection conntrack does
+  not see as new is never redirected: one opened while the agent was down (fail_mode open removes the rules) and
+  used after it is back, or one whose SYN matches an entry of the agent's own (a squatted source port). filter
+  OUTPUT runs after nat OUTPUT, so a redirected packet already carries the listener's address and does not match;
+  a packet still addressed to the metadata service from another uid went round the redirect and is rejected with
+  a TCP reset. Reset, not drop: a client holding such a connection fails at once, and its retry opens a new
+  connection, which the redirect catches.
+
+The guard adds ``--socket-exists`` to the owner match: ``! --uid-owner`` alone also matches packets without a
+user socket (an orphaned socket finishing its close, a TIME_WAIT acknowledgement), so it would reset the agent's
+own closing upstream connections. nftables' ``meta skuid`` never matches such packets either; no process can read
+through a socket it no longer holds.
 """
 
 from __future__ import annotations
@@ -10,6 +26,10 @@ from typing import Any
 from .base import IPTABLES_CHAIN, OWNER_NAME, RedirectSpec
 
 FAMILIES = ("ipv4", "ipv6")
+#: The tables we own a chain in, in the order they are applied (the redirect before the guard, so that no new
+#: connection is reset while the redirect is still missing); removal goes the other way.
+TABLES = ("nat", "filter")
+SIGNIFICANT = ("dst", "protocol", "dport", "uid_owner", "socket_exists", "comment", "target", "to", "reject_with")
 
 
 def rule(daddr: str, prefix: int, dport: int, exempt_uid: int, to: str) -> dict[str, str]:
@@ -20,27 +40,43 @@ def rule(daddr: str, prefix: int, dport: int, exempt_uid: int, to: str) -> dict[
         "dport": str(dport),
         "uid_owner": f"!{exempt_uid}",
         "comment": OWNER_NAME,
+        "target": "DNAT",
         "to": to,
     }
 
 
-def build_rules(spec: RedirectSpec) -> dict[str, dict[str, Any]]:
-    """Per family: our chain in the nat table, its rules, and the single jump to it from OUTPUT."""
-    out: dict[str, dict[str, Any]] = {
-        "ipv4": {
-            "table": "nat",
-            "chain": IPTABLES_CHAIN,
-            "rules": [rule(spec.ipv4, 32, spec.port, spec.exempt_uid, f"{spec.to_ipv4}:{spec.listen_port}")],
-            "jump": {"from": "OUTPUT", "comment": OWNER_NAME},
-        }
+def guard_rule(daddr: str, prefix: int, dport: int, exempt_uid: int) -> dict[str, Any]:
+    """One guard rule: tcp to daddr:dport from a socket of any uid but exempt_uid is reset."""
+    return {
+        "dst": f"{daddr}/{prefix}",
+        "protocol": "tcp",
+        "dport": str(dport),
+        "socket_exists": True,
+        "uid_owner": f"!{exempt_uid}",
+        "comment": OWNER_NAME,
+        "target": "REJECT",
+        "reject_with": "tcp-reset",
     }
+
+
+def _family(daddr: str, prefix: int, spec: RedirectSpec, to: str) -> dict[str, Any]:
+    jump = {"from": "OUTPUT", "comment": OWNER_NAME}
+    return {
+        "tables": [
+            {"table": "nat", "chain": IPTABLES_CHAIN, "rules": [rule(daddr, prefix, spec.port, spec.exempt_uid, to)],
+             "jump": jump},
+            {"table": "filter", "chain": IPTABLES_CHAIN,
+             "rules": [guard_rule(daddr, prefix, spec.port, spec.exempt_uid)], "jump": jump},
+        ]
+    }  # fmt: skip
+
+
+def build_rules(spec: RedirectSpec) -> dict[str, dict[str, Any]]:
+    """Per family: our chain in the nat and in the filter table, their rules, and the single jump to each from
+    that table's OUTPUT."""
+    out = {"ipv4": _family(spec.ipv4, 32, spec, f"{spec.to_ipv4}:{spec.listen_port}")}
     if spec.with_ipv6:
-        out["ipv6"] = {
-            "table": "nat",
-            "chain": IPTABLES_CHAIN,
-            "rules": [rule(spec.ipv6, 128, spec.port, spec.exempt_uid, f"[{spec.to_ipv6}]:{spec.listen_port}")],
-            "jump": {"from": "OUTPUT", "comment": OWNER_NAME},
-        }
+        out["ipv6"] = _family(spec.ipv6, 128, spec, f"[{spec.to_ipv6}]:{spec.listen_port}")
     return out
 
 
@@ -48,12 +84,20 @@ def render(r: dict[str, Any], chain: str = IPTABLES_CHAIN) -> str:
     """A rule in iptables-save syntax."""
     uid = str(r.get("uid_owner", ""))
     owner = f"! --uid-owner {uid[1:]}" if uid.startswith("!") else f"--uid-owner {uid}"
+    if r.get("socket_exists"):
+        owner = f"--socket-exists {owner}"
+    if r.get("target", "DNAT") == "DNAT":
+        target = f"DNAT --to-destination {r.get('to')}"
+    elif r.get("target") == "REJECT":
+        target = f"REJECT --reject-with {r.get('reject_with')}"
+    else:
+        target = str(r.get("target"))
     return (
         f"-A {chain} -d {r.get('dst')} -p {r.get('protocol')} -m tcp --dport {r.get('dport')} -m owner {owner} "
-        f"-m comment --comment {r.get('comment')} -j DNAT --to-destination {r.get('to')}"
+        f"-m comment --comment {r.get('comment')} -j {target}"
     )
 
 
 def significant(r: dict[str, Any]) -> dict[str, Any]:
     """The fields that define a rule (not its counters)."""
-    return {k: r.get(k) for k in ("dst", "protocol", "dport", "uid_owner", "comment", "to")}
+    return {k: r.get(k) for k in SIGNIFICANT}

@@ -8,6 +8,10 @@ that state entirely, and gives every edit a freshly read table, which is what li
     python -m imds_agent.redirect.iptworker FAMILY probe|state|usage|remove
     python -m imds_agent.redirect.iptworker FAMILY apply < family-rules.json
 
+A family's rules are our IMDS_AGENT chain in each of iptrules.TABLES (the redirect in nat, the guard in filter),
+each with one jump from that table's OUTPUT. libiptc commits one table at a time, so apply builds every rule and
+loads every table before it commits the first: a missing extension or table changes nothing.
+
 Prints one JSON object: {"ok": true, ...} or {"ok": false, "error": "..."}; exit code 0 either way unless the
 worker itself crashed.
 """
@@ -19,6 +23,22 @@ import sys
 from typing import Any
 
 from .base import IPTABLES_CHAIN
+from .iptrules import TABLES
+
+TOOLS = {"ipv4": "iptables", "ipv6": "ip6tables"}
+TABLES_NAMES = {"ipv4": "/proc/net/ip_tables_names", "ipv6": "/proc/net/ip6_tables_names"}
+KERNEL_OPTIONS = {
+    ("ipv4", "nat"): "CONFIG_IP_NF_NAT",
+    ("ipv4", "filter"): "CONFIG_IP_NF_FILTER",
+    ("ipv6", "nat"): "CONFIG_IP6_NF_NAT",
+    ("ipv6", "filter"): "CONFIG_IP6_NF_FILTER",
+    ("ipv4", "REJECT"): "CONFIG_IP_NF_TARGET_REJECT",
+    ("ipv6", "REJECT"): "CONFIG_IP6_NF_TARGET_REJECT",
+}
+
+
+class Unavailable(Exception):
+    """A table or extension this host lacks, named with what provides it."""
 
 
 def _tables(family: str) -> tuple[Any, Any, Any]:
@@ -29,12 +49,26 @@ def _tables(family: str) -> tuple[Any, Any, Any]:
     return iptc, iptc.Table, iptc.Rule
 
 
-def _nat(family: str) -> Any:
+def _table(family: str, name: str) -> Any:
+    """A freshly read table (nat or filter), or Unavailable naming the table and the kernel option."""
     iptc, table_cls, _ = _tables(family)
-    table = table_cls(table_cls.NAT)
-    table.autocommit = False
-    table.refresh()
+    try:
+        table = table_cls(name)
+        table.autocommit = False
+        table.refresh()
+    except iptc.IPTCError as exc:
+        kernel = KERNEL_OPTIONS.get((family, name), "")
+        raise Unavailable(f"{TOOLS[family]} {name} table is unavailable (kernel needs {kernel}): {exc}") from None
     return table
+
+
+def _registered(family: str, name: str) -> bool:
+    """Whether the kernel has this legacy table in this namespace; without the list, assume it may."""
+    try:
+        with open(TABLES_NAMES[family], encoding="ascii") as fh:
+            return name in fh.read().split()
+    except OSError:
+        return True
 
 
 def _chain(table: Any, name: str) -> Any:
@@ -52,10 +86,16 @@ def _describe(rule: Any) -> dict[str, Any]:
             out["dport"] = params["dport"][0]
         elif match.name == "owner" and "uid-owner" in params:
             out["uid_owner"] = "".join(params["uid-owner"])
+            if "socket-exists" in params:
+                out["socket_exists"] = True
         elif match.name == "comment":
             out["comment"] = params.get("comment", [""])[0]
     out["target"] = rule.target.name
-    out["to"] = rule.target.get_all_parameters().get("to-destination", [""])[0]
+    target = rule.target.get_all_parameters()
+    if rule.target.name == "DNAT":
+        out["to"] = target.get("to-destination", [""])[0]
+    elif rule.target.name == "REJECT":
+        out["reject_with"] = target.get("reject-with", [""])[0]
     packets, nbytes = rule.get_counters()
     out["packets"], out["bytes"] = int(packets), int(nbytes)
     return out
@@ -71,9 +111,7 @@ def _prefix(dst: str) -> str:
     return dst
 
 
-def state(family: str) -> dict[str, Any]:
-    """Our chain's rules with counters, and how many jumps to it OUTPUT has."""
-    table = _nat(family)
+def _table_state(table: Any) -> dict[str, Any]:
     chain = _chain(table, IPTABLES_CHAIN)
     output = _chain(table, "OUTPUT")
     jumps = [r for r in output.rules if r.target.name == IPTABLES_CHAIN] if output is not None else []
@@ -85,53 +123,102 @@ def state(family: str) -> dict[str, Any]:
     }
 
 
-def _make_rule(family: str, spec: dict[str, str]) -> Any:
+def state(family: str) -> dict[str, Any]:
+    """Per table: our chain's rules with counters, and how many jumps to it OUTPUT has. A table the kernel has not
+    registered holds nothing of ours and is not loaded just to look."""
+    empty = {"chain": False, "jumps": 0, "jump_first": False, "rules": []}
+    return {
+        "tables": {
+            name: _table_state(_table(family, name)) if _registered(family, name) else dict(empty) for name in TABLES
+        }
+    }
+
+
+def _make_rule(family: str, spec: dict[str, Any]) -> Any:
     iptc, _, rule_cls = _tables(family)
     rule = rule_cls()
     rule.protocol = spec["protocol"]
     rule.dst = spec["dst"]
     rule.create_match("tcp").dport = spec["dport"]
-    rule.create_match("owner").uid_owner = spec["uid_owner"]
+    owner = rule.create_match("owner")
+    if spec.get("socket_exists"):
+        owner.socket_exists = ""
+    owner.uid_owner = spec["uid_owner"]
     rule.create_match("comment").comment = spec["comment"]
-    rule.create_target("DNAT").to_destination = spec["to"]
+    name = spec.get("target", "DNAT")
+    try:
+        target = rule.create_target(name)
+    except iptc.XTablesError as exc:
+        kernel = KERNEL_OPTIONS.get((family, name), "")
+        needs = f" (userspace lib*t_{name}.so, kernel {kernel})" if kernel else ""
+        raise Unavailable(f"{TOOLS[family]} {name} target is unavailable{needs}: {exc}") from None
+    if name == "DNAT":
+        target.to_destination = spec["to"]
+    else:
+        target.reject_with = spec["reject_with"]
     return rule
 
 
-def apply(family: str, data: dict[str, Any]) -> dict[str, Any]:
-    """Make our chain hold exactly ``data['rules']`` and OUTPUT hold exactly one jump to it, first; one commit."""
-    iptc, _, rule_cls = _tables(family)
-    rules = [_make_rule(family, r) for r in data["rules"]]  # built first: a bad rule changes nothing
-    table = _nat(family)
-    chain = _chain(table, IPTABLES_CHAIN) or table.create_chain(IPTABLES_CHAIN)
+def _fill(family: str, table: Any, chain_name: str, rules: list[Any], comment: str) -> None:
+    """Make our chain hold exactly ``rules`` and OUTPUT hold exactly one jump to it, first (not committed)."""
+    _, _, rule_cls = _tables(family)
+    chain = _chain(table, chain_name) or table.create_chain(chain_name)
     chain.flush()
     for rule in rules:
         chain.append_rule(rule)
     output = _chain(table, "OUTPUT")
-    for rule in [r for r in output.rules if r.target.name == IPTABLES_CHAIN]:
+    for rule in [r for r in output.rules if r.target.name == chain_name]:
         output.delete_rule(rule)
     jump = rule_cls()
-    jump.create_match("comment").comment = data["jump"]["comment"]
-    jump.create_target(IPTABLES_CHAIN)
+    jump.create_match("comment").comment = comment
+    jump.create_target(chain_name)
     output.insert_rule(jump)
-    table.commit()
-    return {"applied": len(rules)}
+
+
+def _commit(family: str, name: str, table: Any) -> None:
+    iptc, _, _ = _tables(family)
+    try:
+        table.commit()
+    except iptc.IPTCError as exc:
+        # The kernel checks targets only now: a kernel without REJECT refuses the filter table's commit.
+        kernel = KERNEL_OPTIONS.get((family, "REJECT"), "") if name == "filter" else ""
+        hint = f" (the guard's REJECT target needs {kernel})" if kernel else ""
+        raise Unavailable(f"{TOOLS[family]} {name} table refused our chain{hint}: {exc}") from None
+
+
+def apply(family: str, data: dict[str, Any]) -> dict[str, Any]:
+    """For each table in ``data['tables']`` (nat, then filter), make our chain hold exactly its rules and that
+    table's OUTPUT hold exactly one jump to it, first; one commit per table."""
+    parts = data["tables"]
+    rules = [
+        [_make_rule(family, r) for r in part["rules"]] for part in parts
+    ]  # built first: a bad rule changes nothing
+    tables = [_table(family, part["table"]) for part in parts]  # and every table loads before the first commit
+    for part, table, built in zip(parts, tables, rules):
+        _fill(family, table, part["chain"], built, part["jump"]["comment"])
+        _commit(family, part["table"], table)
+    return {"applied": sum(len(built) for built in rules)}
 
 
 def remove(family: str) -> dict[str, Any]:
-    """Delete every jump to our chain, then the chain; one commit."""
-    table = _nat(family)
+    """Delete every jump to our chain, then the chain, in each table (the guard first); one commit per table.
+    A table the kernel has not registered is not loaded: it cannot hold anything of ours."""
     removed = False
-    output = _chain(table, "OUTPUT")
-    if output is not None:
-        for rule in [r for r in output.rules if r.target.name == IPTABLES_CHAIN]:
-            output.delete_rule(rule)
+    for name in reversed(TABLES):
+        if not _registered(family, name):
+            continue
+        table = _table(family, name)
+        output = _chain(table, "OUTPUT")
+        if output is not None:
+            for rule in [r for r in output.rules if r.target.name == IPTABLES_CHAIN]:
+                output.delete_rule(rule)
+                removed = True
+        chain = _chain(table, IPTABLES_CHAIN)
+        if chain is not None:
+            chain.flush()
+            chain.delete()
             removed = True
-    chain = _chain(table, IPTABLES_CHAIN)
-    if chain is not None:
-        chain.flush()
-        chain.delete()
-        removed = True
-    table.commit()
+        _commit(family, name, table)
     return {"removed": removed}
 
 
@@ -149,11 +236,14 @@ def usage(family: str) -> dict[str, Any]:
 
 
 def probe(family: str) -> dict[str, Any]:
-    """Whether python-iptables loads and the nat table, owner and comment matches and DNAT are usable."""
-    _nat(family)
-    _make_rule(family, {"protocol": "tcp", "dst": "192.0.2.1/32" if family == "ipv4" else "2001:db8::1/128",
-                        "dport": "80", "uid_owner": "!0", "comment": "probe",
-                        "to": "127.0.0.1:1" if family == "ipv4" else "[::1]:1"})  # fmt: skip
+    """Whether python-iptables loads, the nat and filter tables exist, and the owner and comment matches, DNAT and
+    REJECT are usable."""
+    for name in TABLES:
+        _table(family, name)
+    dst = "192.0.2.1/32" if family == "ipv4" else "2001:db8::1/128"
+    base = {"protocol": "tcp", "dst": dst, "dport": "80", "uid_owner": "!0", "comment": "probe"}
+    _make_rule(family, dict(base, target="DNAT", to="127.0.0.1:1" if family == "ipv4" else "[::1]:1"))
+    _make_rule(family, dict(base, target="REJECT", reject_with="tcp-reset", socket_exists=True))
     return {}
 
 

@@ -28,14 +28,32 @@ def test_rules_match_golden_file(case: str) -> None:
 
 
 def test_render_is_iptables_save_syntax() -> None:
-    rules = iptrules.build_rules(RedirectSpec(exempt_uid=990, listen_port=8775))
-    assert iptrules.render(rules["ipv6"]["rules"][0]) == (
+    nat, guard = iptrules.build_rules(RedirectSpec(exempt_uid=990, listen_port=8775))["ipv6"]["tables"]
+    assert iptrules.render(nat["rules"][0]) == (
         "-A IMDS_AGENT -d fd00:ec2::254/128 -p tcp -m tcp --dport 80 -m owner ! --uid-owner 990 "
         "-m comment --comment imds_agent -j DNAT --to-destination [::1]:8775"
     )
+    assert iptrules.render(guard["rules"][0]) == (
+        "-A IMDS_AGENT -d fd00:ec2::254/128 -p tcp -m tcp --dport 80 -m owner --socket-exists ! --uid-owner 990 "
+        "-m comment --comment imds_agent -j REJECT --reject-with tcp-reset"
+    )
+
+
+def test_the_guard_sits_in_filter_after_the_redirect_in_nat_for_each_family() -> None:
+    for spec in CASES.values():
+        for data in iptrules.build_rules(spec).values():
+            nat, guard = data["tables"]
+            assert (nat["table"], guard["table"]) == ("nat", "filter") == iptrules.TABLES
+            assert nat["chain"] == guard["chain"] == "IMDS_AGENT" and guard["jump"] == nat["jump"]
+            # The guard selects what the redirect selects (from a socket); only the verdict differs.
+            (redirect,), (reset,) = nat["rules"], guard["rules"]
+            same = ("dst", "protocol", "dport", "uid_owner", "comment")
+            assert {k: reset[k] for k in same} == {k: redirect[k] for k in same}
+            assert (reset["target"], reset["reject_with"], reset["socket_exists"]) == ("REJECT", "tcp-reset", True)
 
 
 def test_significant_ignores_counters() -> None:
-    rule = iptrules.build_rules(RedirectSpec(exempt_uid=990, listen_port=8775))["ipv4"]["rules"][0]
+    rule = iptrules.build_rules(RedirectSpec(exempt_uid=990, listen_port=8775))["ipv4"]["tables"][0]["rules"][0]
     seen = dict(rule, packets=7, bytes=420, target="DNAT")
     assert iptrules.significant(seen) == iptrules.significant(rule)
+    assert iptrules.significant(dict(rule, target="REJECT", reject_with="tcp-reset")) != iptrules.significant(rule)
