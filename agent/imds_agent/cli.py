@@ -64,9 +64,30 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         extra = f"; sensitive: {', '.join(rule.sensitive)}" if rule.sensitive else ""
         extra += "; no token injection" if not rule.inject_token else ""
         extra += "; also inside containers" if rule.in_containers else ""
+        extra += "; not for callers started with LD_PRELOAD/LD_AUDIT" if rule.refuse_preload else ""
         print(f"  - {rule.name} [{rule.source}]: {who} -> {', '.join(rule.paths)}{extra}")
     print(f"audit: {config.audit.log}, state {config.audit.state_dir}")
+    for warning in trust_warnings(policy):
+        print(f"warning: {warning}")
     return EXIT_OK
+
+
+def trust_warnings(policy: Any, ptrace_scope_path: str = "/proc/sys/kernel/yama/ptrace_scope") -> list[str]:
+    """What weakens the trust a rule puts in a process of its uid running its file (README: trust boundary)."""
+    out = []
+    try:
+        with open(ptrace_scope_path, encoding="ascii") as fh:
+            scope = fh.read().strip()
+        if scope == "0":
+            out.append("kernel.yama.ptrace_scope is 0: any process can ptrace another of its uid and act as it; "
+                       "set it to 1 or more")  # fmt: skip
+    except OSError:
+        out.append("Yama is not enabled: any process can ptrace another of its uid and act as it")
+    for rule in policy.rules:
+        if rule.cmdline is not None and not rule.uids and not rule.users:
+            out.append(f"rule {rule.name} [{rule.source}] matches on cmdline without uid or user: any user can run "
+                       "its executable with that command line")  # fmt: skip
+    return out
 
 
 def _backend_for(args: argparse.Namespace) -> tuple[configmod.Config, Backend]:
@@ -197,7 +218,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         except KeyError:
             user = None
     cmdline = tuple(args.cmdline or ())
-    caller = Caller(True, None, args.exe, args.uid, user, cmdline, exe_verified=not args.in_container)
+    preload = ("LD_PRELOAD",) if args.preload else ()
+    caller = Caller(True, None, args.exe, args.uid, user, cmdline, exe_verified=not args.in_container, preload=preload)
     decision = decide(policy, caller, args.method, args.path, args.sha256)
     verdict = "allow" if decision.allow else "deny"
     shown = decision.path.display if decision.path is not None else args.path
@@ -274,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", required=True, help="request path, e.g. /latest/meta-data/iam/security-credentials/")
     p.add_argument("--method", default="GET", choices=("GET", "HEAD", "PUT"))
     p.add_argument("--cmdline", nargs="*", help="the command line, for rules that match on it")
+    p.add_argument("--preload", action="store_true",
+                   help="the caller ran with LD_PRELOAD or LD_AUDIT (refuse_preload rules skip it)")  # fmt: skip
     p.add_argument("--sha256", help="the executable's hash, for rules that pin one")
     p.add_argument("--in-container", action="store_true",
                    help="the path is inside a container's image, not a file on the host")  # fmt: skip

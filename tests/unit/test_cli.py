@@ -129,3 +129,34 @@ def test_explain_answers_allow_or_deny_with_its_exit_code(tmp_path: Path, capsys
     assert cli.main([*base, "--exe", "/usr/bin/curl"]) == 1
     out = capsys.readouterr().out
     assert out.startswith("deny: /usr/bin/curl") and "default: allow-nonsensitive" in out
+
+
+def test_check_config_warns_where_the_trust_in_a_rule_is_weaker(tmp_path: Path) -> None:
+    from imds_agent.policy.model import Policy, Rule
+
+    scope = tmp_path / "ptrace_scope"
+    scope.write_text("0\n")
+    loose = Rule("by-argv", ("/usr/bin/python3",), "50-x.yaml:2", cmdline="*exporter.py*")
+    pinned = Rule("by-argv-and-uid", ("/usr/bin/python3",), "50-x.yaml:9", uids=(998,), cmdline="*exporter.py*")
+    warnings = cli.trust_warnings(Policy((loose, pinned)), str(scope))
+    assert len(warnings) == 2 and "ptrace_scope is 0" in warnings[0]
+    assert "rule by-argv [50-x.yaml:2] matches on cmdline without uid" in warnings[1]
+    scope.write_text("1\n")
+    assert len(cli.trust_warnings(Policy((pinned,)), str(scope))) == 0
+    assert "Yama is not enabled" in cli.trust_warnings(Policy(), str(tmp_path / "absent"))[0]
+
+
+def test_explain_says_a_preloaded_caller_misses_a_rule_that_refuses_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy = tmp_path / "policy.d"
+    policy.mkdir()
+    (policy / "10-curl.yaml").write_text("rules:\n  - name: curl\n    exe: /usr/bin/curl\n"
+                                         "    sensitive: [credentials]\n    refuse_preload: true\n")  # fmt: skip
+    config = tmp_path / "agent.yaml"
+    config.write_text(f"policy:\n  dir: {policy}\n")
+    base = ["--config", str(config), "explain", "--exe", "/usr/bin/curl", "--uid", "0", "--user", "root", "--path",
+            "/latest/meta-data/iam/security-credentials/r"]  # fmt: skip
+    assert cli.main(base) == 0
+    assert cli.main([*base, "--preload"]) == 1
+    assert "default: allow-nonsensitive" in capsys.readouterr().out

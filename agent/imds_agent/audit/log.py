@@ -44,6 +44,7 @@ def audit_line(answer: Answer) -> dict[str, Any]:
         "container": c.container,
         "exe_verified": c.exe_verified if c.known else None,
         "shared_with": [f"{o.pid} {o.exe}" for o in c.sharers] or None,
+        "preload": list(c.preload) or None,
         "identified": c.known,
         "unidentified_reason": c.reason or None,
         "user_agent": _clip(answer.user_agent, MAX_USER_AGENT),

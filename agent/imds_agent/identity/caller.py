@@ -33,6 +33,9 @@ class Caller:
     # Related processes running other executables that hold the same socket: any of them may be the one writing
     # the requests, so a request is allowed only if it would be allowed to each.
     sharers: tuple[Caller, ...] = ()
+    # Loader variables (LD_PRELOAD, LD_AUDIT) in the environment the process started with: code its user chose
+    # may run inside the executable. Recorded; rules with refuse_preload do not match such callers.
+    preload: tuple[str, ...] = ()
 
     @classmethod
     def unknown(cls, reason: str, uid: Optional[int] = None) -> Caller:

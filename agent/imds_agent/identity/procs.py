@@ -108,7 +108,7 @@ class ProcessIndex:
         self.proc = proc
         self._lock = threading.Lock()
         self._recent: OrderedDict[int, None] = OrderedDict()
-        self._described: OrderedDict[tuple[int, float], Caller] = OrderedDict()
+        self._described: OrderedDict[tuple[int, float, int, int], Caller] = OrderedDict()
         self.scans = {"recent": 0, "uid": 0, "full": 0, "miss": 0}
 
     def find_pid(self, inode: int, uid: Optional[int]) -> Optional[int]:
@@ -187,7 +187,13 @@ class ProcessIndex:
         ticks = stat_field(pid, START_TICKS, self.proc)
         if ticks is None:
             return Caller.unknown(f"process {pid} exited before it could be identified")
-        key = (pid, float(ticks))
+        # exec keeps the pid and the start time: the file it runs is part of the key, so a process that execs
+        # another program is described afresh and never keeps the rights of what it ran before.
+        try:
+            running = os.stat(f"{self.proc}/{pid}/exe")
+        except OSError:
+            return Caller.unknown(f"process {pid} has no readable executable")
+        key = (pid, float(ticks), running.st_dev, running.st_ino)
         with self._lock:
             cached = self._described.get(key)
         if cached is not None:
@@ -211,7 +217,8 @@ class ProcessIndex:
             user = None
         unit, container = self._cgroup(pid)
         verified = _same_file(f"{self.proc}/{pid}/exe", exe)
-        caller = Caller(True, pid, exe, uid, user, cmdline, created, unit, container, exe_verified=verified)
+        caller = Caller(True, pid, exe, uid, user, cmdline, created, unit, container, exe_verified=verified,
+                        preload=preload_of(pid, self.proc))  # fmt: skip
         with self._lock:
             self._described[key] = caller
             while len(self._described) > DESCRIBED:
@@ -224,6 +231,27 @@ class ProcessIndex:
                 return unit_and_container(fh.read())
         except OSError:
             return None, None
+
+
+# Variables that make the dynamic loader run code of the caller's choosing inside whatever it executes.
+PRELOAD_VARIABLES = (b"LD_PRELOAD", b"LD_AUDIT")
+
+
+def preload_of(pid: int, proc: str = PROC) -> tuple[str, ...]:
+    """The loader variables (LD_PRELOAD, LD_AUDIT) set, non-empty, in the environment ``pid`` was started with:
+    code the same user injected into an allowed executable acts as that executable. An unreadable environment
+    counts as preloaded, because it cannot be shown not to be."""
+    try:
+        with open(f"{proc}/{pid}/environ", "rb") as fh:
+            environ = fh.read(1 << 20)
+    except OSError:
+        return ("(environment unreadable)",)
+    found = []
+    for entry in environ.split(b"\0"):
+        name, sep, value = entry.partition(b"=")
+        if sep and value.strip() and name in PRELOAD_VARIABLES:
+            found.append(name.decode())
+    return tuple(found)
 
 
 def _same_file(exe_link: str, path: str) -> bool:

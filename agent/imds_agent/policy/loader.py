@@ -28,7 +28,8 @@ from ..errors import ConfigError
 from .model import DEFAULT_SETTING, UNKNOWN_SETTING, Policy, Rule
 from .paths import SENSITIVE_CLASSES
 
-RULE_KEYS = {"name", "exe", "uid", "user", "cmdline", "sha256", "paths", "sensitive", "inject_token", "in_containers"}
+RULE_KEYS = {"name", "exe", "uid", "user", "cmdline", "sha256", "paths", "sensitive", "inject_token", "in_containers",
+             "refuse_preload"}  # fmt: skip
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -123,11 +124,15 @@ def _rule(doc: yamlsrc.Document, i: int, item: Any) -> Rule:
     in_containers = item.get("in_containers", False)
     if not isinstance(in_containers, bool):
         raise doc.error(kp + ("in_containers",), "must be true or false")
+    refuse_preload = item.get("refuse_preload", False)
+    if not isinstance(refuse_preload, bool):
+        raise doc.error(kp + ("refuse_preload",), "must be true or false")
     name = item.get("name", f"{os.path.basename(doc.path)}#{i + 1}")
     if not isinstance(name, str) or not name:
         raise doc.error(kp + ("name",), "must be a non-empty string")
     source = f"{doc.path}:{doc.line_of(kp) or '?'}"
     try:
-        return Rule(name, exe, source, uids, users, cmdline, sha256, paths, sensitive, inject, in_containers)
+        return Rule(name, exe, source, uids, users, cmdline, sha256, paths, sensitive, inject, in_containers,
+                    refuse_preload)  # fmt: skip
     except (ValueError, re.error) as exc:
         raise ConfigError(str(exc), path=doc.path, line=doc.line_of(kp), key=yamlsrc.dotted(kp)) from None

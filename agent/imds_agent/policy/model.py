@@ -36,6 +36,7 @@ class Rule:
     sensitive: tuple[str, ...] = ()
     inject_token: bool = True
     in_containers: bool = False  # exe paths may be inside containers' images, not the host's files
+    refuse_preload: bool = False  # callers started with LD_PRELOAD or LD_AUDIT do not match
     _exe_res: tuple[re.Pattern[str], ...] = field(default=(), repr=False, compare=False)
     _path_res: tuple[re.Pattern[str], ...] = field(default=(), repr=False, compare=False)
 
@@ -61,6 +62,8 @@ class Rule:
         if self.users and caller.user not in self.users:
             return False
         if self.cmdline is not None and not fnmatch.fnmatchcase(" ".join(caller.cmdline), self.cmdline):
+            return False
+        if self.refuse_preload and caller.preload:
             return False
         return not self.sha256 or (exe_sha256 is not None and exe_sha256 in self.sha256)
 

@@ -31,6 +31,8 @@ def deny_message(caller: Caller, path: str, decision: Decision) -> str:
     who = f"exe={caller.exe} uid={caller.uid}" if caller.known else f"unidentified caller uid={caller.uid}"
     if caller.known and not caller.exe_verified:
         who += " (not the host's file at that path: a container's, or replaced since the process started)"
+    if caller.known and caller.preload:
+        who += f" (started with {'/'.join(caller.preload)})"
     return f"denied: {who} path={path} by {decision.decided_by}: {decision.reason}"
 
 

@@ -85,3 +85,15 @@ def test_relatives_holding_finds_ancestors_and_descendants_with_the_socket(tmp_p
     assert sorted(index.relatives_holding(30, 555, os.getuid())) == [10, 40, 50]
     assert index.relatives_holding(41, 777, os.getuid()) == []
     assert index.relatives_holding(30, 555, os.getuid() + 1) == []  # other uids are not followed
+
+
+def test_loader_variables_in_the_start_environment_are_found(tmp_path: Path) -> None:
+    from imds_agent.identity.procs import preload_of
+
+    (tmp_path / "10").mkdir()
+    (tmp_path / "10" / "environ").write_bytes(b"PATH=/usr/bin\0LD_PRELOAD=/tmp/evil.so\0LD_AUDIT=\0HOME=/\0")
+    assert preload_of(10, str(tmp_path)) == ("LD_PRELOAD",)  # an empty LD_AUDIT loads nothing
+    (tmp_path / "11").mkdir()
+    (tmp_path / "11" / "environ").write_bytes(b"PATH=/usr/bin\0LD_LIBRARY_PATH=/opt\0")
+    assert preload_of(11, str(tmp_path)) == ()
+    assert preload_of(12, str(tmp_path)) == ("(environment unreadable)",)  # cannot be shown clean

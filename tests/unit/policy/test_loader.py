@@ -42,6 +42,7 @@ def test_missing_directory_is_an_empty_policy(tmp_path: Path) -> None:
         ("top-key.yaml", 1, "rule", "unknown key"),
         ("sha.yaml", 3, "rules[0].sha256", "64 hexadecimal"),
         ("in-containers.yaml", 4, "rules[0].in_containers", "true or false"),
+        ("refuse-preload.yaml", 4, "rules[0].refuse_preload", "true or false"),
     ],
 )
 def test_bad_files_name_file_line_and_key(

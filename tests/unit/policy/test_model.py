@@ -41,3 +41,10 @@ def test_bad_values_are_refused() -> None:
     with pytest.raises(ValueError, match="default must be one of"):
         Policy(default="allow-some")
     assert Policy((Rule("r", ("/x",), sha256=("ab" * 32,)),)).needs_hash and not Policy().needs_hash
+
+
+def test_a_rule_that_refuses_preloaded_callers_does_not_match_them() -> None:
+    preloaded = dataclasses.replace(CURL, preload=("LD_PRELOAD",))
+    assert Rule("r", ("/usr/bin/curl",)).matches_caller(preloaded)  # recorded, not refused, unless the rule says
+    assert not Rule("r", ("/usr/bin/curl",), refuse_preload=True).matches_caller(preloaded)
+    assert Rule("r", ("/usr/bin/curl",), refuse_preload=True).matches_caller(CURL)
