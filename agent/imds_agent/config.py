@@ -172,6 +172,16 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class IdentityConfig:
+    """How the agent finds who is calling."""
+
+    budget: float = 0.25  # seconds one connection's identification may take; past it the caller is unidentified
+
+    def __post_init__(self) -> None:
+        _check(0.001 <= self.budget <= 5.0, "budget", "must be 0.001..5 seconds")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole agent configuration; ``source`` is the file it came from (None: built-in defaults)."""
 
@@ -183,6 +193,7 @@ class Config:
     redirect: RedirectConfig = field(default_factory=RedirectConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
     source: Optional[str] = None
 
     def __post_init__(self) -> None:

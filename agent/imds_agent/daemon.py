@@ -44,7 +44,7 @@ class Agent:
         self.upstream = Upstream(config.upstream)
         self.tokens = TokenCache(fetch_from(self.upstream), config.token.ttl, config.token.refresh_margin)
         self.forwarder = Forwarder(self.upstream, self.tokens, self.gate)
-        self.identify = ConnectionIdentifier(Identifier())
+        self.identify = ConnectionIdentifier(Identifier(budget=config.identity.budget))
         self.recorder = open_records(config.audit, self.account.uid, self.account.gid)
         self.server = ProxyServer(config.listen, self.forwarder, identify=self.identify, report=self.recorder)
         self.interception: Optional[Interception] = None
@@ -113,7 +113,7 @@ class Agent:
         except AgentError as exc:
             log.error("reload refused, keeping the running configuration and policy: %s", exc)
             return False
-        for part in ("listen", "upstream", "redirect", "user", "audit", "token"):
+        for part in ("listen", "upstream", "redirect", "user", "audit", "token", "identity"):
             if getattr(config, part) != getattr(self.config, part):
                 log.warning("reload: %s settings changed; they take effect at the next restart", part)
         mode = self.mode_override or config.mode

@@ -60,6 +60,7 @@ def audit_line(answer: Answer) -> dict[str, Any]:
         "relayed": answer.relayed,
         "sent": answer.sent,
         "latency_ms": round(answer.latency * 1000, 3),
+        "identify_ms": round(answer.client.identify_seconds * 1000, 3),
     }
 
 

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from typing import Optional
@@ -31,11 +32,22 @@ _CONTAINER = re.compile(r"(?:docker-|cri-containerd-|crio-|libpod-|/docker/|/kub
 _UNIT = re.compile(r"/([^/]+\.(?:service|scope))(?:/|$)")
 
 
-def holds_socket(pid: int, target: str, proc: str = PROC) -> bool:
+class OverBudget(Exception):
+    """Identification ran past its deadline; the caller is then unidentified, never guessed."""
+
+
+def check_deadline(deadline: Optional[float]) -> None:
+    """Raise OverBudget once ``deadline`` (time.monotonic()) has passed."""
+    if deadline is not None and time.monotonic() > deadline:
+        raise OverBudget()
+
+
+def holds_socket(pid: int, target: str, proc: str = PROC, deadline: Optional[float] = None) -> bool:
     """Whether ``pid`` has an fd that is the socket ``target`` ('socket:[INODE]'); False if it cannot be read.
 
     Highest fd numbers first: a client that has just connected usually holds the newest descriptor, so the
-    search tends to end at the first readlink instead of walking every descriptor of a busy process.
+    search tends to end at the first readlink instead of walking every descriptor of a busy process. A process
+    holding 100k descriptors costs ~100 ms to walk, so the deadline is checked as the walk goes.
     """
     fd_dir = f"{proc}/{pid}/fd"
     try:
@@ -43,7 +55,9 @@ def holds_socket(pid: int, target: str, proc: str = PROC) -> bool:
     except OSError:
         return False
     prefix = fd_dir + "/"
-    for name in reversed(names):  # the kernel lists descriptors in ascending order
+    for n, name in enumerate(reversed(names)):  # the kernel lists descriptors in ascending order
+        if n % 256 == 255:
+            check_deadline(deadline)
         try:
             if os.readlink(prefix + name) == target:
                 return True
@@ -111,11 +125,16 @@ class ProcessIndex:
         self._described: OrderedDict[tuple[int, float, int, int], Caller] = OrderedDict()
         self.scans = {"recent": 0, "uid": 0, "full": 0, "miss": 0}
 
-    def find_pid(self, inode: int, uid: Optional[int]) -> Optional[int]:
-        """The pid of a process holding socket ``inode``, or None if no readable process holds it."""
+    def find_pid(self, inode: int, uid: Optional[int], deadline: Optional[float] = None) -> Optional[int]:
+        """The pid of a process holding socket ``inode``, or None if no readable process holds it; raises
+        OverBudget past ``deadline``."""
         target = f"socket:[{inode}]"
         with self._lock:
             recent = list(reversed(self._recent))
+        if uid is not None:
+            # A recent caller of another uid (one holding 100k descriptors, say) must not slow this lookup:
+            # its /proc entry's owner is one stat away, its descriptors are not.
+            recent = [pid for pid in recent if owner_of(pid, self.proc) == uid]
         tiers: list[tuple[str, Iterable[int]]] = [("recent", recent)]
         if uid is not None:
             tiers.append(("uid", pids_of_uid(uid, self.proc)))
@@ -126,7 +145,8 @@ class ProcessIndex:
                 if pid in tried:
                     continue
                 tried.add(pid)
-                if holds_socket(pid, target, self.proc):
+                check_deadline(deadline)
+                if holds_socket(pid, target, self.proc, deadline):
                     self.scans[tier] += 1
                     self._remember(pid)
                     return pid
@@ -140,7 +160,7 @@ class ProcessIndex:
             while len(self._recent) > RECENT_PIDS:
                 self._recent.popitem(last=False)
 
-    def relatives_holding(self, pid: int, inode: int, uid: int) -> list[int]:
+    def relatives_holding(self, pid: int, inode: int, uid: int, deadline: Optional[float] = None) -> list[int]:
         """Other processes of ``uid`` related to ``pid`` by fork (ancestors and descendants) that hold the socket
         too. A socket is shared by inheritance, so that is where a second holder is; processes of other uids are
         not followed (reaching them needs privileges that make this check moot), nor is pid 1."""
@@ -153,7 +173,7 @@ class ProcessIndex:
             if ancestor <= 1 or ancestor in seen or owner_of(ancestor, self.proc) != uid:
                 break
             seen.add(ancestor)
-            if holds_socket(ancestor, target, self.proc):
+            if holds_socket(ancestor, target, self.proc, deadline):
                 found.append(ancestor)
         queue = [pid]
         while queue and len(seen) < MAX_RELATIVES:
@@ -162,7 +182,7 @@ class ProcessIndex:
                     continue
                 seen.add(child)
                 queue.append(child)
-                if holds_socket(child, target, self.proc):
+                if holds_socket(child, target, self.proc, deadline):
                     found.append(child)
         return found
 

@@ -35,13 +35,14 @@ class ConnectionIdentifier:
 
     def __call__(self, conn: Connection) -> Client:
         dst = self._dst(conn)
+        started = time.monotonic()
         try:
             caller = self.identifier.identify(conn.peer, conn.local, dst)
         except Exception as exc:
             # A bug or an unexpected /proc state must not make a caller anyone in particular.
             log.exception("identifying the client of a connection failed")
             caller = Caller.unknown(f"identification failed: {type(exc).__name__}")
-        return Client(conn.peer, conn.local, dst, caller, self._clock())
+        return Client(conn.peer, conn.local, dst, caller, self._clock(), time.monotonic() - started)
 
     def close(self) -> None:
         """Release the identity lookup's netlink socket."""

@@ -50,6 +50,7 @@ class Client:
     original_dst: Optional[Address]
     caller: Caller
     identified_at: float
+    identify_seconds: float = 0.0  # what finding the caller took
 
     @classmethod
     def unidentified(cls, peer: Address, local: Address, reason: str, when: float) -> Client:

@@ -97,3 +97,29 @@ def test_loader_variables_in_the_start_environment_are_found(tmp_path: Path) -> 
     (tmp_path / "11" / "environ").write_bytes(b"PATH=/usr/bin\0LD_LIBRARY_PATH=/opt\0")
     assert preload_of(11, str(tmp_path)) == ()
     assert preload_of(12, str(tmp_path)) == ("(environment unreadable)",)  # cannot be shown clean
+
+
+def test_a_search_past_its_deadline_stops_and_says_so(tmp_path: Path) -> None:
+    import time
+
+    import pytest
+
+    from imds_agent.identity.procs import OverBudget
+
+    for pid in range(10, 20):
+        fake_proc(tmp_path, pid, [1000 + pid])
+    index = ProcessIndex(str(tmp_path))
+    assert index.find_pid(1015, None, deadline=time.monotonic() + 5) == 15
+    with pytest.raises(OverBudget):
+        index.find_pid(999999, None, deadline=time.monotonic() - 1)
+
+
+def test_recent_callers_of_other_uids_are_not_searched(tmp_path: Path) -> None:
+    import os
+
+    fake_proc(tmp_path, 10, [111])
+    index = ProcessIndex(str(tmp_path))
+    assert index.find_pid(111, None) == 10  # now a recent caller
+    index.scans = dict.fromkeys(index.scans, 0)
+    assert index.find_pid(111, os.stat(tmp_path / "10").st_uid + 1) == 10  # found, but not through the recent tier
+    assert index.scans["recent"] == 0 and index.scans["full"] == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from imds_agent.identity.caller import Caller
+from imds_agent.identity.procs import OverBudget
 from imds_agent.identity.resolver import Identifier
 
 CURL = Caller(True, 30, "/usr/bin/curl", 1000, "app", ("curl",))
@@ -28,14 +29,17 @@ class FakeIndex:
         self.proc = str(proc)
         self.described = described
         self.holders = holders
+        self.slow = False
 
-    def find_pid(self, inode: int, uid: int) -> int:
+    def find_pid(self, inode: int, uid: int, deadline: float | None = None) -> int:
+        if self.slow:
+            raise OverBudget()
         return 30
 
     def describe(self, pid: int) -> Caller:
         return self.described[pid]
 
-    def relatives_holding(self, pid: int, inode: int, uid: int) -> list[int]:
+    def relatives_holding(self, pid: int, inode: int, uid: int, deadline: float | None = None) -> list[int]:
         return self.holders
 
 
@@ -62,3 +66,31 @@ def test_a_holder_that_exited_meanwhile_is_ignored_but_an_unreadable_one_is_not(
     unreadable = Caller.unknown("process 20 cannot be read: AccessDenied")
     caller = identify(tmp_path, {20: unreadable}, [20])
     assert not caller.known and "unidentifiable" in caller.reason and caller.uid == 1000
+
+
+def test_past_its_budget_a_caller_is_unidentified_and_the_cost_is_counted_for_its_uid(tmp_path: Path) -> None:
+    index = FakeIndex(tmp_path, {30: CURL}, [])
+    ident = Identifier(lookup=FakeLookup(), index=index, budget=0.05)  # type: ignore[arg-type]
+    assert ident.identify(("127.0.0.1", 1), ("127.0.0.1", 2), None) == CURL
+    index.slow = True
+    caller = ident.identify(("127.0.0.1", 1), ("127.0.0.1", 2), None)
+    assert not caller.known and caller.uid == 1000
+    assert caller.reason == "identification exceeded its budget of 50 ms"
+    cost = ident.costs()[1000]
+    assert (cost.lookups, cost.over_budget) == (2, 1) and cost.seconds >= 0
+
+
+def test_a_socket_its_process_already_closed_is_unidentified_without_a_search(tmp_path: Path) -> None:
+    class Closed(FakeLookup):
+        def owner(self, peer: object, dialled: object) -> Owner:
+            closed = Owner()
+            closed.inode = 0  # what sock_diag reports for an orphaned or TIME_WAIT socket
+            return closed
+
+    class NoSearch(FakeIndex):
+        def find_pid(self, inode: int, uid: int, deadline: float | None = None) -> int:
+            raise AssertionError("a search for inode 0 walks every descriptor on the host")
+
+    ident = Identifier(lookup=Closed(), index=NoSearch(tmp_path, {}, []))  # type: ignore[arg-type]
+    caller = ident.identify(("127.0.0.1", 1), ("127.0.0.1", 2), None)
+    assert not caller.known and "closed its socket" in caller.reason and caller.uid == 1000
