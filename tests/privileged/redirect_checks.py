@@ -84,3 +84,63 @@ def listeners() -> Iterator[Listeners]:
 def run(argv: list[str]) -> str:
     """A command's stdout (fixed PATH); raises on failure."""
     return subprocess.run(argv, env=PATH_ENV, check=True, capture_output=True, text=True, timeout=20).stdout
+
+
+HELD = """import socket, sys
+s = socket.create_connection((sys.argv[1], 80), 3)
+print("connected", s.getsockname()[1], flush=True)
+sys.stdin.readline()
+try:
+    s.sendall(b"x")
+    s.settimeout(3)
+    print("got", s.recv(1).hex() or "eof", flush=True)
+except OSError as exc:
+    print("error", type(exc).__name__, flush=True)
+"""
+
+
+class HeldClient:
+    """A connection to ``address``:80 opened as ``uid`` now and used (one byte each way) only when told to."""
+
+    def __init__(self, uid: int, address: str) -> None:
+        argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "/usr/bin/python3", "-c", HELD,
+                address]  # fmt: skip
+        self.proc = subprocess.Popen(
+            argv, env=PATH_ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().split()
+        if not line or line[0] != "connected":
+            raise AssertionError(f"uid {uid} could not connect to {address}: {self.proc.communicate()[1]}")
+        self.port = int(line[1])
+
+    def use(self) -> str:
+        """Send a byte, wait for one: 'got 79' (answered), 'got eof', or 'error <OSError subclass>'."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline().strip()
+        self.proc.wait(5)
+        return answer
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def accept(listener: socket.socket, timeout: float = 5) -> socket.socket:
+    """The next connection on ``listener``, or AssertionError."""
+    ready, _, _ = select.select([listener], [], [], timeout)
+    if not ready:
+        raise AssertionError(f"no connection arrived on {listener.getsockname()}")
+    return listener.accept()[0]
+
+
+def received(conn: socket.socket, timeout: float = 1.0) -> bytes:
+    """What arrives on ``conn`` within ``timeout`` (b'' for nothing, or the peer closed)."""
+    conn.settimeout(timeout)
+    try:
+        return conn.recv(16)
+    except (socket.timeout, ConnectionResetError):
+        return b""
