@@ -63,6 +63,8 @@ class ListenConfig:
     addresses: tuple[str, ...] = ("127.0.0.1", "::1")
     allow_unprivileged_port: bool = False  # the operator accepts that a local user could take a port >= 1024
     max_connections: int = 512
+    max_connections_per_uid: int = 64  # one user cannot hold every slot
+    reserved_connections: int = 32  # of max_connections, only for root and the uids the policy names
     idle_timeout: float = 30.0  # a keep-alive connection with no new request is closed after this
     request_timeout: float = 5.0  # a request's line and headers must arrive within this (slow clients -> 408)
 
@@ -81,6 +83,12 @@ class ListenConfig:
             except ValueError:
                 raise _FieldError("addresses", f"not an IP address: {addr!r}") from None
         _check(1 <= self.max_connections <= 65536, "max_connections", "must be 1..65536")
+        _check(1 <= self.max_connections_per_uid <= 65536, "max_connections_per_uid", "must be 1..65536")
+        _check(
+            0 <= self.reserved_connections < self.max_connections,
+            "reserved_connections",
+            "must be 0 or more and fewer than max_connections",
+        )
         _timeout(self.idle_timeout, "idle_timeout")
         _timeout(self.request_timeout, "request_timeout")
 

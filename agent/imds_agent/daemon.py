@@ -46,7 +46,8 @@ class Agent:
         self.forwarder = Forwarder(self.upstream, self.tokens, self.gate)
         self.identify = ConnectionIdentifier(Identifier(budget=config.identity.budget))
         self.recorder = open_records(config.audit, self.account.uid, self.account.gid)
-        self.server = ProxyServer(config.listen, self.forwarder, identify=self.identify, report=self.recorder)
+        self.server = ProxyServer(config.listen, self.forwarder, identify=self.identify, report=self.recorder,
+                                  peer_uid=self.identify.peer_uid, privileged=self.gate.reserved_uids)  # fmt: skip
         self.interception: Optional[Interception] = None
         self._cleanup: list[tuple[str, Callable[[], None]]] = [
             ("close upstream pool", self.upstream.close),

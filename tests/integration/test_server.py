@@ -31,6 +31,7 @@ class Echo:
 
 
 def make_server(report: Optional[list[Answer]] = None, **listen: Any) -> ProxyServer:
+    listen.setdefault("reserved_connections", 0)
     config = ListenConfig(port=0, addresses=("127.0.0.1",), idle_timeout=5.0, request_timeout=1.0, **listen)
     if report is None:
         srv = ProxyServer(config, Echo())  # type: ignore[arg-type]
@@ -66,9 +67,11 @@ def workers() -> set[threading.Thread]:
 def test_past_the_cap_a_client_gets_503_at_once_and_a_freed_slot_is_reused() -> None:
     srv = make_server(max_connections=2)
     try:
+        # Both slots busy: each connection is in the middle of sending its request (not idle, not evictable).
         held = [socket.create_connection(srv.addresses[0], timeout=3) for _ in range(2)]
-        for i, sock in enumerate(held):
-            assert ask(sock, f"/held{i}").endswith(f"/held{i}".encode())
+        for sock in held:
+            sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(0.1)
         with socket.create_connection(srv.addresses[0], timeout=3) as extra:
             started = time.monotonic()
             assert extra.recv(4096).startswith(b"HTTP/1.1 503")
@@ -77,6 +80,23 @@ def test_past_the_cap_a_client_gets_503_at_once_and_a_freed_slot_is_reused() -> 
         time.sleep(0.2)  # the worker notices the close and frees the slot
         with socket.create_connection(srv.addresses[0], timeout=3) as again:
             assert ask(again, "/again").endswith(b"/again")
+        for sock in held:
+            sock.close()
+    finally:
+        srv.close()
+
+
+def test_when_slots_run_short_the_longest_idle_keep_alive_connection_makes_room() -> None:
+    srv = make_server(max_connections=2)
+    try:
+        held = [socket.create_connection(srv.addresses[0], timeout=3) for _ in range(2)]
+        for i, sock in enumerate(held):
+            assert ask(sock, f"/held{i}").endswith(f"/held{i}".encode())  # served, now idle between requests
+            time.sleep(0.05)
+        with socket.create_connection(srv.addresses[0], timeout=3) as extra:
+            assert ask(extra, "/new").endswith(b"/new")  # admitted, not 503
+        assert held[0].recv(4096) == b""  # the one idle longest was closed for it
+        assert ask(held[1], "/still").endswith(b"/still")
         for sock in held:
             sock.close()
     finally:
@@ -120,6 +140,8 @@ def test_every_answer_is_reported_refusals_before_parsing_included() -> None:
         with socket.create_connection(srv.addresses[0], timeout=3) as held:
             assert ask(held, "/ok").endswith(b"/ok")
             wait_for(answers, 1)
+            held.sendall(b"GET /slow HTTP/1.1\r\n")  # busy now: its slot cannot be taken
+            time.sleep(0.1)
             with socket.create_connection(srv.addresses[0], timeout=3) as extra:
                 assert extra.recv(4096).startswith(b"HTTP/1.1 503")
             wait_for(answers, 2)
@@ -127,11 +149,12 @@ def test_every_answer_is_reported_refusals_before_parsing_included() -> None:
         with socket.create_connection(srv.addresses[0], timeout=3) as tls:
             tls.sendall(b"\x16\x03\x01\x02\x00\x01")  # a TLS ClientHello's first bytes
             assert tls.recv(4096).startswith(b"HTTP/1.1 400")
-        wait_for(answers, 3)
+        wait_for(answers, 4)
     finally:
         srv.close()
+    # The held connection left in the middle of its request is a 400 of its own.
     assert [(a.status, a.outcome) for a in answers] == [(200, Outcome.ALLOW), (503, Outcome.REFUSED),
-                                                        (400, Outcome.REFUSED)]  # fmt: skip
+                                                        (400, Outcome.REFUSED), (400, Outcome.REFUSED)]  # fmt: skip
     at_cap = answers[1].caller
     assert not at_cap.known and "connection limit" in at_cap.reason
 

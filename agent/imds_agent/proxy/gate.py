@@ -10,6 +10,7 @@ judged here once so that no later layer needs to look at the headers again. The 
 from __future__ import annotations
 
 import dataclasses
+import pwd
 import threading
 from typing import Optional
 
@@ -49,6 +50,7 @@ class AccessGate:
         self._policy = policy
         self.hasher = hasher or ExeHasher()
         self._swap = threading.Lock()
+        self._reserved: Optional[tuple[Policy, frozenset[int]]] = None
 
     @property
     def mode(self) -> str:
@@ -59,6 +61,23 @@ class AccessGate:
     def policy(self) -> Policy:
         """The policy in force."""
         return self._policy
+
+    def reserved_uids(self) -> frozenset[int]:
+        """The uids the policy names (rules' uid: and user:), for whom the listener keeps slots in reserve."""
+        policy = self._policy
+        cached = self._reserved
+        if cached is not None and cached[0] is policy:
+            return cached[1]
+        uids: set[int] = set()
+        for rule in policy.rules:
+            uids.update(rule.uids)
+            for user in rule.users:
+                try:
+                    uids.add(pwd.getpwnam(user).pw_uid)
+                except KeyError:
+                    continue
+        self._reserved = (policy, frozenset(uids))
+        return self._reserved[1]
 
     def replace(self, mode: str, policy: Policy) -> None:
         """Switch mode and policy together (SIGHUP); requests in flight finish under what they started with."""

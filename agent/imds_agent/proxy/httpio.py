@@ -12,7 +12,7 @@ import re
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 MAX_HEAD_BYTES = 16 * 1024
 MAX_HEADER_LINES = 100
@@ -89,8 +89,14 @@ class RequestReader:
         self._request = request_timeout
         self._buf = bytearray()
 
-    def read(self) -> Optional[Request]:
-        """Return the next request, or None when the client closed (or idled out) between requests."""
+    @property
+    def pending(self) -> bool:
+        """Whether bytes of a next request have arrived already (pipelining)."""
+        return bool(self._buf)
+
+    def read(self, started: Optional[Callable[[], None]] = None) -> Optional[Request]:
+        """Return the next request, or None when the client closed (or idled out) between requests.
+        ``started`` is called once the first bytes of a request that was waited for have arrived."""
         if not self._buf:
             self._sock.settimeout(self._idle)
             try:
@@ -100,6 +106,8 @@ class RequestReader:
             if not chunk:
                 return None
             self._buf += chunk
+            if started is not None:
+                started()
         deadline = time.monotonic() + self._request
         while True:
             end, sep = _find_head_end(self._buf)

@@ -44,6 +44,14 @@ class ConnectionIdentifier:
             caller = Caller.unknown(f"identification failed: {type(exc).__name__}")
         return Client(conn.peer, conn.local, dst, caller, self._clock(), time.monotonic() - started)
 
+    def peer_uid(self, conn: Connection) -> Optional[int]:
+        """The uid of the peer's socket (one sock_diag query, for admission at accept); None if not found."""
+        try:
+            owner = self.identifier.lookup.owner(conn.peer, self._dst(conn) or conn.local)
+        except OSError:
+            return None
+        return owner.uid if owner is not None else None
+
     def close(self) -> None:
         """Release the identity lookup's netlink socket."""
         self.identifier.close()

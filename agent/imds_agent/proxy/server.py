@@ -23,6 +23,7 @@ from typing import Callable, Optional
 from ..config import ListenConfig
 from ..errors import ListenError
 from ..identity.procs import port_holder
+from .admission import Admission, Slot
 from .handler import Forwarder
 from .httpio import HttpError, RequestReader, error_response
 from .types import Address, Answer, Client
@@ -34,11 +35,32 @@ IDLE_WORKER_SECONDS = 60.0  # a worker with no connection for this long ends, so
 
 @dataclass(frozen=True)
 class Connection:
-    """One accepted client connection, before it is identified."""
+    """One accepted client connection, before it is identified, with its admission slot."""
 
     sock: socket.socket
     peer: Address
     local: Address
+    slot: Optional[Slot] = None
+
+
+class RefusalLog:
+    """Refusals at the connection limit go to the journal as one summary line per interval, not one each."""
+
+    def __init__(self, interval: float = 10.0):
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._count = 0
+        self._last = 0.0
+
+    def note(self, why: str) -> None:
+        """Count one refusal; log it with the count since the last line, at most once per interval."""
+        now = time.monotonic()
+        with self._lock:
+            self._count += 1
+            if now - self._last < self.interval:
+                return
+            count, self._count, self._last = self._count, 0, now
+        log.warning("refused %d connection(s) in the last %.0f s: %s", count, self.interval, why)
 
 
 Identify = Callable[[Connection], Client]
@@ -63,13 +85,20 @@ class ProxyServer:
         forwarder: Forwarder,
         identify: Identify = unidentified,
         report: Report = _discard,
+        peer_uid: Optional[Callable[[Connection], Optional[int]]] = None,
+        privileged: Callable[[], frozenset[int]] = frozenset,
     ):
         self.config = config
         self.forwarder = forwarder
         self.identify = identify
         self.report = report
         self._listeners: list[socket.socket] = []
-        self._slots = threading.BoundedSemaphore(config.max_connections)
+        # Without a uid lookup every connection counts as one user's: only the total cap then applies.
+        per_uid = config.max_connections_per_uid if peer_uid is not None else config.max_connections
+        reserved = config.reserved_connections if peer_uid is not None else 0
+        self.admission = Admission(config.max_connections, per_uid, reserved, privileged, time.monotonic)
+        self.peer_uid = peer_uid
+        self._refusals = RefusalLog()
         self._stop = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()
         self._thread: Optional[threading.Thread] = None
@@ -190,10 +219,13 @@ class ProxyServer:
             log.warning("accept failed: %s", exc)
             return
         conn = Connection(sock, peer[:2], sock.getsockname()[:2])
-        if not self._slots.acquire(blocking=False):
-            log.warning("connection limit %d reached; refusing %s", self.config.max_connections, _fmt(peer))
-            self._refuse(conn, HttpError(503, "too many connections"), "refused at the connection limit")
+        uid = self.peer_uid(conn) if self.peer_uid is not None else None
+        slot, why = self.admission.admit(uid, sock)
+        if slot is None:
+            self._refusals.note(why)
+            self._refuse(conn, HttpError(503, why), f"refused at the connection limit: {why}", uid)
             return
+        conn = Connection(sock, peer[:2], sock.getsockname()[:2], slot)
         with self._pool_lock:
             need_worker = self._idle == 0
             if not need_worker:
@@ -202,7 +234,7 @@ class ProxyServer:
             try:
                 threading.Thread(target=self._worker, args=(conn,), name="imds-conn", daemon=True).start()
             except RuntimeError:
-                self._slots.release()
+                self.admission.release(slot)
                 self._refuse(conn, HttpError(503, "cannot start a worker"), "refused: no worker thread")
             return
         self._queue.put(conn)
@@ -241,7 +273,10 @@ class ProxyServer:
             reader = RequestReader(sock, self.config.idle_timeout, self.config.request_timeout)
             while not self._stop.is_set():
                 try:
-                    req = reader.read()
+                    # Waiting for the next request with nothing of it received: the first to go if slots run short.
+                    idle = not reader.pending
+                    self._mark_idle(conn, idle)
+                    req = reader.read(started=lambda: self._mark_idle(conn, False)) if idle else reader.read()
                 except HttpError as exc:
                     log.info("bad request from %s: %s", _fmt(conn.peer), exc)
                     sent = _send(sock, error_response(exc.status, exc.message, close=True))
@@ -261,11 +296,16 @@ class ProxyServer:
             with self._active_lock:
                 self._active.discard(sock)
             sock.close()
-            self._slots.release()
+            if conn.slot is not None:
+                self.admission.release(conn.slot)
 
-    def _refuse(self, conn: Connection, error: HttpError, why: str) -> None:
+    def _mark_idle(self, conn: Connection, idle: bool) -> None:
+        if conn.slot is not None:
+            self.admission.idle(conn.slot, idle)
+
+    def _refuse(self, conn: Connection, error: HttpError, why: str, uid: Optional[int] = None) -> None:
         """Answer a connection the server will not serve, close it, and report it (its caller not looked up)."""
-        client = Client.unidentified(conn.peer, conn.local, why, time.time())
+        client = Client.unidentified(conn.peer, conn.local, why, time.time(), uid)
         sent = _send(conn.sock, error_response(error.status, error.message, close=True))
         conn.sock.close()
         self._report(self.forwarder.refusal(client, error), sent)

@@ -53,9 +53,9 @@ class Client:
     identify_seconds: float = 0.0  # what finding the caller took
 
     @classmethod
-    def unidentified(cls, peer: Address, local: Address, reason: str, when: float) -> Client:
+    def unidentified(cls, peer: Address, local: Address, reason: str, when: float, uid: Optional[int] = None) -> Client:
         """A client the agent did not (or could not) identify; it is trusted as nobody."""
-        return cls(peer, local, None, Caller.unknown(reason), when)
+        return cls(peer, local, None, Caller.unknown(reason, uid), when)
 
 
 @dataclass(frozen=True)

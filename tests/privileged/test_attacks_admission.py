@@ -1,0 +1,66 @@
+"""Admission must be fair: one uid that took every connection slot (idle keep-alive or slowly sent requests)
+used to turn the allowed callers away with 503."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from imds_agent.sandbox.agentproc import AgentProcess
+from imds_agent.sandbox.netns import Sandbox
+
+pytestmark = pytest.mark.privileged
+APP, OTHER = 1000, 1001
+POLICY = f"rules:\n  - name: curl-for-app\n    exe: /usr/bin/curl\n    uid: {APP}\n    sensitive: [credentials]\n"
+# Opens as many connections as it can, each with a request head that never ends, and holds them.
+HOG = """
+import select, socket, sys, time
+conns = []
+for _ in range(int(sys.argv[1])):
+    s = socket.create_connection(("169.254.169.254", 80), timeout=5)
+    s.sendall(b"GET /latest/meta-data/instance-id HTTP/1.1\\r\\nHost: x\\r\\n")
+    conns.append(s)
+time.sleep(0.5)
+answered = {s for s in select.select(conns, [], [], 0)[0] if s.recv(64).startswith(b"HTTP/1.1 503")}
+held = [s for s in conns if s not in answered]
+print(len(held), len(answered), flush=True)
+time.sleep(30)
+"""
+
+
+@pytest.fixture
+def sbx() -> Iterator[Sandbox]:
+    with Sandbox() as sandbox:
+        os.makedirs(os.path.join(sandbox.workdir, "policy.d"))
+        with open(os.path.join(sandbox.workdir, "policy.d", "50-test.yaml"), "w", encoding="utf-8") as fh:
+            fh.write(POLICY)
+        yield sandbox
+
+
+def curl(sbx: Sandbox, uid: int, path: str = "/latest/meta-data/iam/security-credentials/") -> str:
+    argv = ["/usr/bin/curl", "-s", "--max-time", "3", "-o", "/dev/null", "-w", "%{http_code}",
+            "http://169.254.169.254" + path]  # fmt: skip
+    return sbx.run(argv, uid=uid).stdout
+
+
+def test_one_user_holding_every_slot_starves_nobody_else(sbx: Sandbox) -> None:
+    agent = AgentProcess(sbx, mode="enforce").start()
+    try:
+        hog = sbx.spawn(["/usr/bin/python3", "-c", HOG, "600"], uid=OTHER, stdout=subprocess.PIPE)
+        assert hog.stdout is not None
+        held, refused = (int(x) for x in hog.stdout.readline().split())
+        answers = [curl(sbx, APP) for _ in range(10)]
+        answers += [curl(sbx, 0, "/latest/meta-data/instance-id") for _ in range(5)]
+        hog.kill()
+        time.sleep(0.2)
+    finally:
+        agent.stop()
+    print(f"the other uid held {held} connections and was refused {refused}; the allowed callers got {answers}")
+    # At most listen.max_connections_per_uid (64) held; a few 503s may still be on their way at the count.
+    assert held + refused == 600 and refused >= 600 - 64 - 16, (held, refused)
+    assert answers == ["200"] * 15
+    assert agent.log().count("refused") < 20  # one summary line per interval, not one per refusal
