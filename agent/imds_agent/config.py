@@ -169,6 +169,7 @@ class AuditConfig:
     # Audit lines a second (after a burst) that one uid other than root may write; 0: unbounded.
     rate_per_uid: float = 50.0
     burst_per_uid: int = 500
+    require_persistence: bool = False  # true: refuse to start when the log or state directory cannot be written
 
     def __post_init__(self) -> None:
         _check(os.path.isabs(self.log), "log", "must be an absolute path")

@@ -83,3 +83,9 @@ class ListenError(AgentError):
     """The agent cannot listen where it must (the port is taken, the address is missing); names the cause."""
 
     exit_code = EXIT_RUNTIME
+
+
+class PersistenceError(AgentError):
+    """The records cannot be kept and the configuration says they must be (audit.require_persistence)."""
+
+    exit_code = EXIT_RUNTIME

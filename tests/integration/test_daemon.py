@@ -16,6 +16,7 @@ import pytest
 from imds_agent import daemon
 from imds_agent.config import AuditConfig, Config, ListenConfig, PolicyConfig, RedirectConfig, UpstreamConfig
 from imds_agent.daemon import Agent
+from imds_agent.errors import PersistenceError
 from imds_agent.sandbox.emulator import Emulator
 
 CREDS = "/latest/meta-data/iam/security-credentials/"
@@ -126,3 +127,29 @@ def test_reload_swaps_the_policy_and_a_broken_one_changes_nothing(config: Config
     finally:
         agent.stop()
         emu.stop()
+
+
+def test_the_agent_starts_over_a_corrupt_inventory_and_a_state_dir_it_cannot_write(
+    config: Config, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both used to stop the agent (exit 78, or exit 1 with a traceback), leaving clients with 401s."""
+    state = Path(config.audit.state_dir)
+    state.mkdir(parents=True)
+    (state / "inventory.json").write_text('{"version": 1, "entries": [{"exe": "/x"')  # truncated
+    agent = Agent(config)
+    agent.start()
+    agent.stop()
+    assert list(state.glob("inventory.json.corrupt-*")) and "was corrupt" in caplog.text
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("")  # a state_dir that cannot be created
+    unwritable = dataclasses.replace(config.audit, state_dir=str(blocked / "state"))
+    agent = Agent(dataclasses.replace(config, audit=unwritable))
+    agent.start()
+    try:
+        assert agent.server.addresses  # serving
+    finally:
+        agent.stop()
+    assert f"{blocked}/state: not writable" in caplog.text and "serving without keeping the inventory" in caplog.text
+    strict = dataclasses.replace(unwritable, require_persistence=True)
+    with pytest.raises(PersistenceError, match="audit.require_persistence"):
+        Agent(dataclasses.replace(config, audit=strict))

@@ -17,9 +17,10 @@ import json
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from ..atomic import write_atomically
 from ..errors import ConfigError
@@ -87,6 +88,28 @@ class Entry:
 Key = tuple[str, Optional[int], Optional[str], str, str, str, bool]
 
 
+def _entries(doc: Any) -> list[Entry]:
+    """The entries of a saved inventory document; ValueError or TypeError when it has the wrong shape."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("entries", []), list):
+        raise ValueError("not an inventory document")
+    for key in ("evicted", "overflowed"):
+        if not isinstance(doc.get(key, 0), int):
+            raise ValueError(f"{key} is not a number")
+    out = []
+    for item in doc.get("entries", []):
+        entry = Entry(**item)  # TypeError on a missing or unknown field
+        numbers = (entry.count, entry.first_seen, entry.last_seen)
+        strings = (entry.exe, entry.path_class, entry.imds, entry.decision)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+            raise ValueError("an entry's count or times are not numbers")
+        if not all(isinstance(v, str) for v in strings) or not isinstance(entry.exe_verified, bool):
+            raise ValueError("an entry's fields have the wrong types")
+        if entry.uid is not None and not isinstance(entry.uid, int):
+            raise ValueError("an entry's uid is not a number")
+        out.append(entry)
+    return out
+
+
 class Inventory:
     """Thread-safe aggregate of audit records, loaded from and saved to ``state_dir``."""
 
@@ -101,17 +124,24 @@ class Inventory:
         self.evicted = 0  # allowed or refused entries dropped to make room, since the file was started
         self.overflowed = 0  # denials counted under OVERFLOW_EXE because only denial entries were left
 
-    def load(self) -> Inventory:
-        """Read the saved inventory; a missing file is an empty one, a corrupt one is an error naming it."""
+    def load(self, repair: bool = False) -> Inventory:
+        """Read the saved inventory; a missing file is an empty one. A corrupt one (not JSON, truncated, empty,
+        or the wrong shape) is an error naming it, or with ``repair`` (the agent at start) is moved aside as
+        inventory.json.corrupt-<time>, said once, and a fresh inventory begins: counts are worth less than a
+        host whose agent cannot start."""
         try:
             with open(self.path, encoding="utf-8") as fh:
                 doc = json.load(fh)
+            entries = _entries(doc)
         except FileNotFoundError:
             return self
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read the inventory: {exc}", path=self.path) from None
+        except (OSError, ValueError, TypeError) as exc:
+            if not repair:
+                raise ConfigError(f"cannot read the inventory: {exc}", path=self.path) from None
+            self._set_aside(exc)
+            return self
         with self._lock:
-            for entry in sorted((Entry(**item) for item in doc.get("entries", [])), key=lambda e: e.last_seen):
+            for entry in sorted(entries, key=lambda e: e.last_seen):
                 key = self._key(entry)
                 self._entries[key] = entry
                 if entry.decision not in KEPT_DECISIONS:
@@ -119,6 +149,16 @@ class Inventory:
             self.evicted = int(doc.get("evicted", 0))
             self.overflowed = int(doc.get("overflowed", 0))
         return self
+
+    def _set_aside(self, exc: Exception) -> None:
+        aside = f"{self.path}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        try:
+            os.replace(self.path, aside)
+        except OSError as move:
+            log.error("the inventory %s is corrupt (%s) and cannot be moved aside (%s): starting a fresh one, "
+                      "which will replace it at the next save", self.path, exc, move.strerror)  # fmt: skip
+            return
+        log.error("the inventory %s was corrupt (%s): moved it to %s and started a fresh one", self.path, exc, aside)
 
     @staticmethod
     def _key(e: Entry) -> Key:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 from typing import Callable, Optional
 
 from ..config import AuditConfig
+from ..errors import PersistenceError
 from ..proxy.types import Answer, Outcome
 from .budget import AuditBudget
 from .inventory import Inventory, path_class
@@ -115,14 +117,40 @@ class Recorder:
 def open_records(config: AuditConfig, uid: int, gid: int) -> Recorder:
     """The audit log and the inventory, opened (and loaded) as root and handed to the agent's account, so that the
     agent can keep writing them after it drops privileges (under systemd LogsDirectory and StateDirectory do the
-    same)."""
+    same).
+
+    A directory that cannot be created, handed over or written (a read-only mount, a full disk) does not stop the
+    agent: it serves, says once what will not be kept, and keeps trying. With ``require_persistence`` it refuses
+    to start instead (exit 70, one line naming the directory).
+    """
+    for directory, what in ((os.path.dirname(config.log), "the audit log"), (config.state_dir, "the inventory")):
+        problem = _prepare(directory, uid, gid)
+        if problem is None:
+            continue
+        if config.require_persistence:
+            raise PersistenceError(f"{directory}: {problem}; {what} cannot be kept (audit.require_persistence)")
+        log.error("%s: %s; serving without keeping %s until it can be written", directory, problem, what)
     audit = AuditLog(config.log, config.max_bytes, config.backups)
-    inventory = Inventory(config.state_dir).load()
+    inventory = Inventory(config.state_dir).load(repair=True)
     if os.geteuid() == 0 and uid != 0:
-        for path in (os.path.dirname(config.log), config.state_dir):
-            os.makedirs(path, mode=0o750, exist_ok=True)
-            os.chown(path, uid, gid)
         for path in (config.log, inventory.path):
-            if os.path.exists(path):
-                os.chown(path, uid, gid)
+            try:
+                if os.path.exists(path):
+                    os.chown(path, uid, gid)
+            except OSError as exc:
+                log.error("cannot hand %s to uid %d: %s", path, uid, exc.strerror)
     return Recorder(audit, inventory, budget=AuditBudget(config.rate_per_uid, config.burst_per_uid))
+
+
+def _prepare(directory: str, uid: int, gid: int) -> Optional[str]:
+    """Create ``directory`` for the agent's account and check it takes a file; what is wrong, or None."""
+    try:
+        os.makedirs(directory, mode=0o750, exist_ok=True)
+        if os.geteuid() == 0 and uid != 0:
+            os.chown(directory, uid, gid)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"not writable ({exc.strerror or exc})"
+    return None

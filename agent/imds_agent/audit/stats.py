@@ -56,10 +56,11 @@ class Tally:
             return Totals(**self._counts)
 
 
-def status_line(mode: str, totals: Totals, repairs: int) -> str:
-    """What `systemctl status` shows as the agent's Status."""
+def status_line(mode: str, totals: Totals, repairs: int, dropped: int = 0) -> str:
+    """What `systemctl status` shows as the agent's Status; audit records lost are named only when there are."""
     denials = f"{totals.denied} denied" if mode == "enforce" else f"{totals.would_deny} would-deny"
-    return (
+    line = (
         f"{mode} mode: {totals.requests} requests ({totals.imdsv1} IMDSv1), {denials}, "
         f"{totals.upstream_errors} upstream errors, {totals.unidentified} unidentified, {repairs} rule repairs"
     )
+    return line + (f", {dropped} audit records dropped" if dropped else "")

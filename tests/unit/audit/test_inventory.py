@@ -195,3 +195,28 @@ def test_the_bound_counters_survive_a_restart_and_the_report_says_so(
     again = Inventory(str(tmp_path)).load()
     assert again.evicted == 2
     assert "2 entries of allowed or refused requests were dropped" in bound_note(again.evicted, again.overflowed)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["garbage", '{"version": 1, "entries": [{"exe": "/x"', "", "[1, 2]", '{"entries": {"a": 1}}',
+     '{"entries": [{"exe": "/x", "nope": 1}]}',
+     '{"entries": [{"exe": "/x", "uid": "0", "user": null, "path_class": "/", "imds": "v1", "decision": "allow",'
+     ' "count": "many", "first_seen": 1, "last_seen": 2}]}'],
+    ids=["garbage", "truncated", "empty", "a-list", "entries-not-a-list", "unknown-field", "wrong-types"],
+)  # fmt: skip
+def test_a_corrupt_inventory_is_moved_aside_at_start_and_a_fresh_one_begins(
+    tmp_path: Path, text: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "inventory.json").write_text(text)
+    with pytest.raises(ConfigError, match="inventory.json"):
+        Inventory(str(tmp_path)).load()  # `report` says so and changes nothing
+    assert (tmp_path / "inventory.json").read_text() == text
+    inv = Inventory(str(tmp_path)).load(repair=True)
+    assert inv.entries() == []
+    (aside,) = tmp_path.glob("inventory.json.corrupt-*")
+    assert aside.read_text() == text and not (tmp_path / "inventory.json").exists()
+    assert caplog.text.count("was corrupt") == 1
+    inv.add(*SEEN, 1.0)
+    inv.save()
+    assert len(Inventory(str(tmp_path)).load().entries()) == 1

@@ -76,18 +76,74 @@ def test_a_failing_write_is_logged_once_and_never_raised(tmp_path: Path, caplog:
     assert [r.getMessage().split(":")[0] for r in caplog.records] == [f"cannot write the audit log {path}"]
 
 
-def test_a_failure_after_recovery_is_logged_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_failure_is_retried_after_a_pause_and_the_drop_is_told_when_writing_works_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "audit.log"
-    path.mkdir()
-    log = AuditLog(str(path), max_bytes=LINE, backups=1)
-    with caplog.at_level(logging.ERROR, logger="imds_agent.audit.log"):
+    path.mkdir()  # cannot be opened as a file
+    clock = Clock()
+    log = AuditLog(str(path), max_bytes=4096, backups=1, clock=clock)
+    with caplog.at_level(logging.INFO, logger="imds_agent.audit.log"):
         write(log, 0)
         path.rmdir()
-        write(log, 1)  # recovers
-        backup = tmp_path / "audit.log.1"
-        backup.mkdir()
-        (backup / "keep").write_text("")  # rotating onto a non-empty directory fails
-        write(log, 2, 3)
+        write(log, 1)  # within the pause: counted, not tried
+        clock.now += AuditLog.RETRY_SECONDS
+        write(log, 2)  # works again
     log.close()
-    assert len(caplog.records) == 2
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert lines[0]["dropped"] == 2 and lines[0]["summary"].startswith("2 records dropped between ")
+    assert [x.get("n") for x in lines[1:]] == [2] and log.dropped == 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("cannot write the audit log" in m for m in messages) == 1 and any("written again" in m for m in messages)
+
+
+def test_a_failed_rotation_keeps_writing_to_the_current_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(str(path), max_bytes=LINE, backups=1)
+    write(log, 0)
+    backup = tmp_path / "audit.log.1"
+    backup.mkdir()
+    (backup / "keep").write_text("")  # rotating onto a non-empty directory fails
+    write(log, 1, 2)
+    log.close()
+    assert numbers(path) == [0, 1, 2] and log.dropped == 0  # a failed rotation used to lose the record
+    assert "cannot rotate the audit log" in caplog.text
+
+
+def test_a_vanished_file_or_directory_is_recreated(tmp_path: Path) -> None:
+    folder = tmp_path / "logs"
+    path = folder / "audit.log"
+    clock = Clock()
+    log = AuditLog(str(path), max_bytes=4096, backups=1, clock=clock)
+    write(log, 0)
+    path.unlink()
+    folder.rmdir()  # removed while running: 700 of 700 records used to be lost with no log line
+    clock.now += AuditLog.RETRY_SECONDS
+    write(log, 1)
+    log.close()
     assert numbers(path) == [1]
+
+
+def test_a_short_write_leaves_no_partial_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "audit.log"
+    clock = Clock()
+    log = AuditLog(str(path), max_bytes=4096, backups=1, clock=clock)
+    write(log, 0)
+    real_write = os.write
+    monkeypatch.setattr("os.write", lambda fd, data: real_write(fd, data[:3]))  # the disk fills up mid-line
+    write(log, 1)
+    monkeypatch.setattr("os.write", real_write)
+    clock.now += AuditLog.RETRY_SECONDS
+    write(log, 2)
+    log.close()
+    lines = [json.loads(x) for x in path.read_text().splitlines()]  # every line parses: no truncated JSON
+    assert [x.get("n") for x in lines] == [0, None, 2] and lines[1]["dropped"] == 1
+    assert "no space left" in lines[1]["cause"]

@@ -62,3 +62,8 @@ def test_the_status_line_names_the_denials_that_matter_in_each_mode() -> None:
         "audit mode: 10 requests (4 IMDSv1), 3 would-deny, 1 upstream errors, 0 unidentified, 1 rule repairs"
     )
     assert "2 denied" in status_line("enforce", totals, repairs=0)
+
+
+def test_the_status_line_names_lost_audit_records_only_when_there_are_some() -> None:
+    assert "dropped" not in status_line("audit", Totals(), repairs=0)
+    assert status_line("audit", Totals(), repairs=0, dropped=920).endswith(", 920 audit records dropped")

@@ -132,8 +132,9 @@ def mutated_targets(draw: st.DrawFn) -> str:
             target = target.replace("/", "//", 1) if draw(st.booleans()) else target + "/"
         elif kind == "dot":
             slashes = [j for j, c in enumerate(target) if c == "/"]
-            j = draw(st.sampled_from(slashes))
-            target = target[:j] + draw(st.sampled_from(["/.", "/%2e", "/meta-data/..", "/x/%2E%2E"])) + target[j:]
+            if slashes:  # an earlier escape may have taken the only one
+                j = draw(st.sampled_from(slashes))
+                target = target[:j] + draw(st.sampled_from(["/.", "/%2e", "/meta-data/..", "/x/%2E%2E"])) + target[j:]
     if draw(st.integers(0, 9)) == 0:
         target = "http://169.254.169.254" + target
     return target
@@ -158,7 +159,9 @@ def check(target: str) -> None:
             assert judged.sensitive == served, f"{target!r}: serves {served}, classed {judged.sensitive}"
 
 
-@settings(max_examples=500, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=500, deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(mutated_targets())
 @example("/latest/meta-data/iam/security-credentials%3F/role")
 @example("/latest/meta-data/iam/security-credentials/role%23")
@@ -169,13 +172,13 @@ def test_what_is_forwarded_is_what_was_judged(target: str) -> None:
     check(target)
 
 
-@settings(max_examples=300, deadline=None, database=None)
+@settings(max_examples=300, deadline=None, database=None, derandomize=True)
 @given(st.lists(st.sampled_from([*"/.%?#aA0fF2Ee-_", "latest", "meta-data", "user-data", "iam"]), max_size=20))
 def test_arbitrary_short_targets(pieces: list[str]) -> None:
     check("/" + "".join(pieces))
 
 
-@settings(max_examples=300, deadline=None, database=None)
+@settings(max_examples=300, deadline=None, database=None, derandomize=True)
 @given(st.text(max_size=30))
 def test_normalize_raises_only_path_errors(text: str) -> None:
     check(text)
