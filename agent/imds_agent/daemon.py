@@ -49,7 +49,7 @@ class Agent:
         self.server = ProxyServer(config.listen, self.forwarder, identify=self.identify, report=self.recorder,
                                   peer_uid=self.identify.peer_uid, privileged=self.gate.reserved_uids)  # fmt: skip
         self.interception: Optional[Interception] = None
-        self._cleanup: list[tuple[str, Callable[[], None]]] = [
+        self._cleanup: list[tuple[str, Callable[[], object]]] = [
             ("close upstream pool", self.upstream.close),
             ("close the identity socket", self.identify.close),
             ("save and close the records", self.recorder.close),
@@ -71,6 +71,8 @@ class Agent:
             self.interception = Interception(self.config.redirect, spec)
             self._cleanup.append(("undo the redirect", self.interception.shutdown))
             self.interception.install()
+        # Undone first: the requests in flight finish before the redirect goes.
+        self._cleanup.append(("drain the listener", self.server.drain))
         backend = self.interception.backend if self.interception is not None else None
         privileges.settle(self.account, privileges.caps_for(backend.capabilities if backend else None))
         self.server.start()

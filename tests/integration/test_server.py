@@ -173,3 +173,60 @@ def test_a_failing_report_hook_never_costs_the_client_its_answer() -> None:
             assert ask(sock, "/two").endswith(b"/two")  # the same keep-alive connection goes on
     finally:
         srv.close()
+
+
+def test_a_refused_client_gets_its_whole_503_not_a_reset() -> None:
+    """Closing with the client's request unread made the kernel reset the connection, destroying the 503."""
+    srv = make_server(max_connections=1)
+    try:
+        with socket.create_connection(srv.addresses[0], timeout=3) as held:
+            held.sendall(b"GET /slow HTTP/1.1\r\n")  # busy: the only slot stays taken
+            time.sleep(0.1)
+            complete = resets = 0
+            for _ in range(100):
+                with socket.create_connection(srv.addresses[0], timeout=3) as sock:
+                    sock.sendall(b"GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n\r\n" + b"X" * 4096)
+                    time.sleep(0.002)
+                    try:
+                        reply = b""
+                        while chunk := sock.recv(4096):
+                            reply += chunk
+                        complete += reply.startswith(b"HTTP/1.1 503") and reply.endswith(b"\n")
+                    except ConnectionResetError:
+                        resets += 1
+    finally:
+        srv.close()
+    assert (complete, resets) == (100, 0)
+
+
+class SlowEcho(Echo):
+    def handle(self, req: Request, client: Client) -> Reply:
+        time.sleep(0.5)
+        return super().handle(req, client)
+
+
+def test_drain_lets_the_request_in_flight_finish_and_closes_idle_connections_at_once() -> None:
+    config = ListenConfig(port=0, addresses=("127.0.0.1",), idle_timeout=30.0, request_timeout=1.0)
+    srv = ProxyServer(config, SlowEcho())  # type: ignore[arg-type]
+    srv.start()
+    address = srv.addresses[0]
+    try:
+        idle = socket.create_connection(address, timeout=3)
+        assert ask(idle, "/first").endswith(b"/first")
+        busy = socket.create_connection(address, timeout=3)
+        busy.sendall(b"GET /in-flight HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.1)  # being served now
+        result: list[int] = []
+        drainer = threading.Thread(target=lambda: result.append(srv.drain(timeout=3)))
+        started = time.monotonic()
+        drainer.start()
+        assert idle.recv(4096) == b""  # the idle keep-alive connection is closed at once
+        assert busy.recv(4096).endswith(b"/in-flight")  # the request in flight gets its whole answer
+        drainer.join(5)
+        assert result == [0] and time.monotonic() - started < 2
+        with pytest.raises(OSError):
+            socket.create_connection(address, timeout=1)  # no longer accepting
+        idle.close()
+        busy.close()
+    finally:
+        srv.close()

@@ -76,6 +76,17 @@ class Admission:
             if idle:
                 slot.since = self.clock()
 
+    def close_idle(self) -> int:
+        """Shut down every idle connection (the agent is stopping); how many."""
+        with self._lock:
+            idle = [s for s in self._slots if s.idle]
+        for slot in idle:
+            try:
+                slot.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return len(idle)
+
     def release(self, slot: Slot) -> None:
         """Give a slot back (the connection ended); a second release of the same slot does nothing."""
         with self._lock:

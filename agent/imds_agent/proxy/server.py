@@ -24,6 +24,7 @@ from ..config import ListenConfig
 from ..errors import ListenError
 from ..identity.procs import port_holder
 from .admission import Admission, Slot
+from .closer import Closer
 from .handler import Forwarder
 from .httpio import HttpError, RequestReader, error_response
 from .types import Address, Answer, Client
@@ -99,6 +100,7 @@ class ProxyServer:
         self.admission = Admission(config.max_connections, per_uid, reserved, privileged, time.monotonic)
         self.peer_uid = peer_uid
         self._refusals = RefusalLog()
+        self._closer = Closer()
         self._stop = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()
         self._thread: Optional[threading.Thread] = None
@@ -171,8 +173,36 @@ class ProxyServer:
         quiet = time.monotonic() - self._heartbeat
         return f"the accept loop has not turned for {quiet:.0f}s" if quiet > limit else None
 
+    def drain(self, timeout: float = 5.0) -> int:
+        """Stop accepting and let the requests in flight finish (at most ``timeout`` seconds) before anything
+        else stops: the redirect must not go while clients wait for answers, or they hang until their own
+        timeouts. Idle keep-alive connections are closed at once; a connection finishes the request it is
+        serving and then closes. Returns how many connections were still open at the deadline."""
+        self._stop.set()
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5)
+        for sock in self._listeners:
+            sock.close()
+        self._listeners = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.admission.close_idle()
+            with self._active_lock:
+                if not self._active:
+                    return 0
+            time.sleep(0.02)
+        with self._active_lock:
+            left = len(self._active)
+        log.warning("%d connection(s) still busy after %.0f s of draining; closing them", left, timeout)
+        return left
+
     def close(self) -> None:
         """Stop accepting, close listeners and every open client connection, wait for the accept thread."""
+        self._closer.stop()
         self._stop.set()
         try:
             self._wake_w.send(b"x")
@@ -307,7 +337,7 @@ class ProxyServer:
         """Answer a connection the server will not serve, close it, and report it (its caller not looked up)."""
         client = Client.unidentified(conn.peer, conn.local, why, time.time(), uid)
         sent = _send(conn.sock, error_response(error.status, error.message, close=True))
-        conn.sock.close()
+        self._closer.close(conn.sock)
         self._report(self.forwarder.refusal(client, error), sent)
 
     def _report(self, answer: Answer, sent: bool) -> None:
