@@ -84,6 +84,9 @@ def trust_warnings(policy: Any, ptrace_scope_path: str = "/proc/sys/kernel/yama/
     except OSError:
         out.append("Yama is not enabled: any process can ptrace another of its uid and act as it")
     for rule in policy.rules:
+        for cls in rule.unreachable_classes():
+            out.append(f"rule {rule.name} [{rule.source}] names the {cls} class but none of its paths can match it "
+                       "('*' matches within one segment; use '**' or the class's own path)")  # fmt: skip
         if rule.cmdline is not None and not rule.uids and not rule.users:
             out.append(f"rule {rule.name} [{rule.source}] matches on cmdline without uid or user: any user can run "
                        "its executable with that command line")  # fmt: skip
@@ -257,17 +260,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help=f"agent configuration file (default {configmod.DEFAULT_PATH}; built-in defaults if it is absent)",
     )
+    # --config is accepted after the subcommand too (`imds-agent report --config F`); there it overrides.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH", help="agent configuration file")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    p = sub.add_parser("run", help="run the agent in the configuration's mode (what the systemd unit starts)")
+    p = sub.add_parser(
+        "run", parents=[common], help="run the agent in the configuration's mode (what the systemd unit starts)"
+    )
     p.set_defaults(func=cmd_run)
-    p = sub.add_parser("audit", help="run the agent: allow every caller, record who calls what")
+    p = sub.add_parser("audit", parents=[common], help="run the agent: allow every caller, record who calls what")
     p.set_defaults(func=cmd_run)
-    p = sub.add_parser("enforce", help="run the agent: deny what the policy does not allow")
+    p = sub.add_parser("enforce", parents=[common], help="run the agent: deny what the policy does not allow")
     p.set_defaults(func=cmd_run)
-    p = sub.add_parser("check-config", help="validate the configuration and print the effective settings")
+    p = sub.add_parser(
+        "check-config", parents=[common], help="validate the configuration and print the effective settings"
+    )
     p.set_defaults(func=cmd_check_config)
-    rules = sub.add_parser("rules", help="show, install or remove the kernel redirect rules")
+    rules = sub.add_parser("rules", parents=[common], help="show, install or remove the kernel redirect rules")
     rsub = rules.add_subparsers(dest="rules_command", metavar="ACTION")
     rsub.required = True
     for action, func, text in (
@@ -275,21 +285,23 @@ def build_parser() -> argparse.ArgumentParser:
         ("apply", cmd_rules_apply, "install the rules (persistent until removed)"),
         ("remove", cmd_rules_remove, "remove the agent's rules (all backends unless --backend is given)"),
     ):
-        p = rsub.add_parser(action, help=text)
+        p = rsub.add_parser(action, parents=[common], help=text)
         p.add_argument("--backend", choices=BACKEND_NAMES, help="backend to use (default: the configuration's)")
         if action == "show":
             p.add_argument("--json", action="store_true", help="machine-readable output")
         if action == "remove":
             p.add_argument("--if-fail-open", action="store_true", help="do nothing when fail_mode is closed")
         p.set_defaults(func=func)
-    p = sub.add_parser("report", help="one row per caller from the recorded inventory")
+    p = sub.add_parser("report", parents=[common], help="one row per caller from the recorded inventory")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--hours", type=float, default=0, help="only callers seen in the last N hours")
     p.set_defaults(func=cmd_report)
-    p = sub.add_parser("suggest", help="write a policy file allowing exactly what audit recorded")
+    p = sub.add_parser("suggest", parents=[common], help="write a policy file allowing exactly what audit recorded")
     p.add_argument("--output", "-o", metavar="FILE", help="where to write (default: stdout); never overwritten")
     p.set_defaults(func=cmd_suggest)
-    p = sub.add_parser("explain", help="what enforce mode would decide for a caller and path, and why")
+    p = sub.add_parser(
+        "explain", parents=[common], help="what enforce mode would decide for a caller and path, and why"
+    )
     p.add_argument("--exe", required=True, help="the executable's absolute path")
     p.add_argument("--uid", required=True, type=int)
     p.add_argument("--user", help="user name (default: looked up from the uid)")
@@ -302,11 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-container", action="store_true",
                    help="the path is inside a container's image, not a file on the host")  # fmt: skip
     p.set_defaults(func=cmd_explain)
-    p = sub.add_parser("set-mode", help="set `mode:` in the configuration file and reload the running agent")
+    p = sub.add_parser(
+        "set-mode", parents=[common], help="set `mode:` in the configuration file and reload the running agent"
+    )
     p.add_argument("mode", choices=configmod.MODES)
     p.add_argument("--pid", type=int, help="signal this agent process (default: systemd, then the pid file)")
     p.set_defaults(func=cmd_set_mode)
-    p = sub.add_parser("version", help="print the version")
+    p = sub.add_parser("version", parents=[common], help="print the version")
     p.set_defaults(func=cmd_version)
     return parser
 

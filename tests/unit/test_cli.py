@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from imds_agent import cli
+from imds_agent.config import DEFAULT_PATH
 from imds_agent.errors import EXIT_CONFIG, EXIT_OK
 
 COMMANDS = {
@@ -160,3 +161,11 @@ def test_explain_says_a_preloaded_caller_misses_a_rule_that_refuses_it(
     assert cli.main(base) == 0
     assert cli.main([*base, "--preload"]) == 1
     assert "default: allow-nonsensitive" in capsys.readouterr().out
+
+
+def test_config_is_taken_before_or_after_the_subcommand() -> None:
+    parser = cli.build_parser()
+    assert parser.parse_args(["report", "--config", "/a.yaml"]).config == "/a.yaml"
+    assert parser.parse_args(["--config", "/a.yaml", "report"]).config == "/a.yaml"
+    assert parser.parse_args(["--config", "/a.yaml", "rules", "show", "--config", "/b.yaml"]).config == "/b.yaml"
+    assert parser.parse_args(["report"]).config == DEFAULT_PATH

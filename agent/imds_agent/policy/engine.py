@@ -63,6 +63,5 @@ def decide_path(
             return Decision(True, f"{rule.name} ({rule.source})", "granted", rule.inject_token, path)
     if matching:
         first = matching[0]
-        what = f"the {path.sensitive} class" if path.sensitive else "this path"
-        return Decision(False, f"{first.name} ({first.source})", f"the rule does not grant {what}", path=path)
+        return Decision(False, f"{first.name} ({first.source})", first.refusal(path), path=path)
     return _by_default(policy.default, path, "default")

@@ -67,6 +67,25 @@ class Rule:
             return False
         return not self.sha256 or (exe_sha256 is not None and exe_sha256 in self.sha256)
 
+    def unreachable_classes(self) -> tuple[str, ...]:
+        """The sensitive classes this rule names that none of its path patterns can ever match (a rule with
+        `paths: ["*"]` naming credentials grants nothing of it: '*' stays within one segment)."""
+        out = []
+        for cls in self.sensitive:
+            prefix = SENSITIVE_CLASSES[cls]
+            samples = (prefix, f"{prefix}/x", f"{prefix}/x/y")
+            if not any(r.match(s) for r in self._path_res for s in samples):
+                out.append(cls)
+        return tuple(out)
+
+    def refusal(self, path: MetadataPath) -> str:
+        """Why this rule does not grant ``path``, in the words an operator needs to fix it."""
+        if path.sensitive is not None and path.sensitive not in self.sensitive:
+            return f"the rule does not name the {path.sensitive} class in sensitive: (a path pattern never grants it)"
+        tried = ", ".join(repr(p) for p in self.paths)
+        return (f"none of the rule's paths ({tried}) matches {path.path or '/'} "
+                "('*' matches within one segment, '**' across segments)")  # fmt: skip
+
     def grants(self, path: MetadataPath) -> bool:
         """Whether this rule grants ``path`` (sensitive classes only when named)."""
         if path.sensitive is not None and path.sensitive not in self.sensitive:

@@ -48,3 +48,17 @@ def test_a_rule_that_refuses_preloaded_callers_does_not_match_them() -> None:
     assert Rule("r", ("/usr/bin/curl",)).matches_caller(preloaded)  # recorded, not refused, unless the rule says
     assert not Rule("r", ("/usr/bin/curl",), refuse_preload=True).matches_caller(preloaded)
     assert Rule("r", ("/usr/bin/curl",), refuse_preload=True).matches_caller(CURL)
+
+
+def test_a_refusal_says_which_patterns_were_tried_and_a_class_no_pattern_can_reach_is_found() -> None:
+    creds = normalize("/latest/meta-data/iam/security-credentials/role")
+    one_segment = Rule("r", ("/x",), paths=("*",), sensitive=("credentials",))
+    assert not one_segment.grants(creds)
+    reason = one_segment.refusal(creds)
+    assert "none of the rule's paths ('*') matches meta-data/iam/security-credentials/role" in reason
+    assert "'*' matches within one segment" in reason
+    assert "does not name the credentials class" in Rule("r", ("/x",)).refusal(creds)
+    assert one_segment.unreachable_classes() == ("credentials",)
+    assert Rule("r", ("/x",), sensitive=("credentials",)).unreachable_classes() == ()
+    narrow = Rule("r", ("/x",), paths=("meta-data/iam/security-credentials/*",), sensitive=("credentials",))
+    assert narrow.unreachable_classes() == () and narrow.grants(creds)
