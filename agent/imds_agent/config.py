@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -16,6 +17,8 @@ from . import yamlsrc
 from .errors import ConfigError
 from .policy.model import DEFAULT_SETTING, DEFAULTS, UNKNOWN_SETTING
 from .redirect.registry import CHOICES as BACKENDS
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/etc/imds-agent/agent.yaml"
 MODES = ("audit", "enforce")
@@ -191,6 +194,27 @@ class IdentityConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics: off unless one of these is set."""
+
+    listen: str = ""  # unix:/run/imds-agent/metrics.sock, or 127.0.0.1:PORT / [::1]:PORT (never the listener's)
+    textfile_dir: str = ""  # node_exporter's textfile collector directory: imds_agent.prom, replaced atomically
+
+    def __post_init__(self) -> None:
+        if self.listen.startswith("unix:"):
+            _check(os.path.isabs(self.listen[5:]), "listen", "a unix socket needs an absolute path: unix:/path")
+        elif self.listen:
+            host, _, port = self.listen.rpartition(":")
+            try:
+                loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+            except ValueError:
+                loopback = False
+            _check(loopback, "listen", "must be unix:/path or a loopback address:port (metrics are not for others)")
+            _check(port.isdigit() and 0 < int(port) < 65536, "listen", "needs a port 1..65535")
+        _check(not self.textfile_dir or os.path.isabs(self.textfile_dir), "textfile_dir", "must be an absolute path")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole agent configuration; ``source`` is the file it came from (None: built-in defaults)."""
 
@@ -203,11 +227,18 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check(self.mode in MODES, "mode", f"must be audit or enforce; got {self.mode!r}")
         _check(bool(self.user), "user", "must not be empty")
+        port = self.metrics.listen.rpartition(":")[2]
+        _check(
+            self.metrics.listen.startswith("unix:") or not port.isdigit() or int(port) != self.listen.port,
+            ("metrics", "listen"),
+            "must not be the listener's port, where the redirect sends clients",
+        )
         if self.redirect.enabled:
             # The redirect sends clients to loopback on the listen port; nothing else would receive them.
             listening = {ipaddress.ip_address(a) for a in self.listen.addresses}
@@ -283,6 +314,19 @@ def from_document(doc: yamlsrc.Document) -> Config:
     """Validate a parsed agent.yaml document into a Config."""
     config: Config = _build(Config, doc.data, doc, ())
     return dataclasses.replace(config, source=doc.path)
+
+
+# Parts a reload cannot change in a running agent (sockets, rules, files, threads were made from them).
+RESTART_ONLY = ("listen", "upstream", "redirect", "user", "audit", "token", "identity", "metrics")
+
+
+def reread(running: Config) -> Config:
+    """The configuration from ``running``'s file again (SIGHUP), warning about parts that need a restart."""
+    config = load(running.source, required=True) if running.source else Config()
+    for part in RESTART_ONLY:
+        if getattr(config, part) != getattr(running, part):
+            log.warning("reload: %s settings changed; they take effect at the next restart", part)
+    return config
 
 
 def load(path: str = DEFAULT_PATH, required: bool = False) -> Config:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 from typing import Callable, Optional
 
+from . import __version__, privileges, supervisor
 from . import config as configmod
-from . import privileges, sdnotify, supervisor
+from .audit import metrics
 from .audit.recorder import open_records
 from .audit.stats import status_line
 from .config import Config
@@ -45,7 +46,9 @@ class Agent:
         self.tokens = TokenCache(fetch_from(self.upstream), config.token.ttl, config.token.refresh_margin)
         self.forwarder = Forwarder(self.upstream, self.tokens, self.gate)
         self.identify = ConnectionIdentifier(Identifier(budget=config.identity.budget))
-        self.recorder = open_records(config.audit, self.account.uid, self.account.gid)
+        self.metrics = metrics.service(config.metrics, self._state, self.account.gid)
+        self.recorder = open_records(config.audit, self.account.uid, self.account.gid, self.metrics.metrics
+                                     if self.metrics else None)  # fmt: skip
         self.server = ProxyServer(config.listen, self.forwarder, identify=self.identify, report=self.recorder,
                                   peer_uid=self.identify.peer_uid, privileged=self.gate.reserved_uids)  # fmt: skip
         self.interception: Optional[Interception] = None
@@ -54,6 +57,8 @@ class Agent:
             ("close the identity socket", self.identify.close),
             ("save and close the records", self.recorder.close),
         ]
+        if self.metrics is not None:
+            self._cleanup.append(("stop the metrics", self.metrics.close))
 
     @property
     def mode(self) -> str:
@@ -76,6 +81,8 @@ class Agent:
         backend = self.interception.backend if self.interception is not None else None
         privileges.settle(self.account, privileges.caps_for(backend.capabilities if backend else None))
         self.server.start()
+        if self.metrics is not None:
+            self.metrics.start()
         if self.interception is not None:
             self.interception.start_reconciler()
 
@@ -104,22 +111,28 @@ class Agent:
         return status_line(self.mode, self.recorder.tally.totals(), repairs, dropped)
 
     def save_inventory(self) -> None:
-        """Persist the inventory if it changed."""
+        """Persist the inventory if it changed (and the metrics textfile)."""
         self.recorder.save()
+        if self.metrics is not None:
+            self.metrics.save()
+
+    def _state(self) -> metrics.AgentState:
+        icpt, audit = self.interception, self.recorder.audit
+        families = {"ipv4": True, "ipv6": icpt.spec.with_ipv6} if icpt is not None else {}
+        return metrics.AgentState(__version__, self.mode, icpt.backend.name if icpt else "none",
+                                  self.config.redirect.fail_mode, self.tokens.expires_at(), families,
+                                  icpt.repairs if icpt else 0, audit.dropped if audit else 0,
+                                  self.recorder.budget.suppressed)  # fmt: skip
 
     def reload(self) -> bool:
         """SIGHUP: re-read the configuration and the policy; apply both or neither. Returns whether it applied.
         Listener, upstream, redirect, user, audit and token settings need a restart; a reload says so."""
         try:
-            source = self.config.source
-            config = configmod.load(source, required=True) if source else Config()
+            config = configmod.reread(self.config)
             policy = load_policy(config.policy.dir, config.policy.default, config.policy.unknown)
         except AgentError as exc:
             log.error("reload refused, keeping the running configuration and policy: %s", exc)
             return False
-        for part in ("listen", "upstream", "redirect", "user", "audit", "token", "identity"):
-            if getattr(config, part) != getattr(self.config, part):
-                log.warning("reload: %s settings changed; they take effect at the next restart", part)
         mode = self.mode_override or config.mode
         self.gate.replace(mode, policy)
         log.info("reloaded: %s mode, %d policy rules from %d files", mode, len(policy.rules), len(policy.files))
@@ -129,16 +142,4 @@ class Agent:
 def run(config: Config, ready: Optional[Callable[[Agent], None]] = None, mode_override: Optional[str] = None) -> int:
     """Run the agent in the foreground until SIGTERM or SIGINT (SIGHUP reloads); return the exit code."""
     agent = Agent(config, mode_override)
-    watch = supervisor.Supervisor(agent, watchdog=sdnotify.watchdog_interval())
-    watch.install_signals()
-    try:
-        agent.start()
-        log.info("imds-agent running in %s mode", agent.mode)
-        watch.ready()
-        supervisor.write_pidfile()
-        if ready is not None:
-            ready(agent)
-        return watch.watch()
-    finally:
-        agent.stop()
-        supervisor.remove_pidfile()
+    return supervisor.serve(agent, agent.start, agent.stop, lambda: ready(agent) if ready is not None else None)

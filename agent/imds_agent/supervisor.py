@@ -128,6 +128,24 @@ class Supervisor:
         return 0
 
 
+def serve(agent: Supervised, start: Callable[[], None], stop: Callable[[], None],
+          ready: Callable[[], object] = lambda: None) -> int:  # fmt: skip
+    """Start ``agent``, tell systemd, look after it until SIGTERM/SIGINT or a fatal problem, and always stop it;
+    return the exit code."""
+    watch = Supervisor(agent, watchdog=sdnotify.watchdog_interval())
+    watch.install_signals()
+    try:
+        start()
+        log.info("imds-agent running in %s mode", agent.mode)
+        watch.ready()
+        write_pidfile()
+        ready()
+        return watch.watch()
+    finally:
+        stop()
+        remove_pidfile()
+
+
 def write_pidfile(path: str = PIDFILE) -> None:
     """Write our pid where set-mode looks, when the runtime directory exists (systemd creates it)."""
     if os.path.isdir(os.path.dirname(path)):

@@ -153,3 +153,41 @@ def test_the_agent_starts_over_a_corrupt_inventory_and_a_state_dir_it_cannot_wri
     strict = dataclasses.replace(unwritable, require_persistence=True)
     with pytest.raises(PersistenceError, match="audit.require_persistence"):
         Agent(dataclasses.replace(config, audit=strict))
+
+
+def test_metrics_count_what_the_agent_answered(config: Config, tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from imds_agent.config import MetricsConfig
+
+    emu = Emulator(tokens="required", addresses=[("127.0.0.1", 0)])
+    emu.start()
+    sock_path = tmp_path / "metrics.sock"
+    upstream = UpstreamConfig(ipv4="127.0.0.1", port=emu.addresses[0][1])
+    agent = Agent(dataclasses.replace(config, mode="enforce", upstream=upstream,
+                                      metrics=MetricsConfig(listen=f"unix:{sock_path}")))  # fmt: skip
+    agent.start()
+    try:
+        for path in ["/latest/meta-data/instance-id", "/latest/meta-data/instance-id", CREDS, "/LATEST/x"]:
+            conn = http.client.HTTPConnection(*agent.server.addresses[0], timeout=5)
+            conn.request("GET", path)
+            conn.getresponse().read()
+            conn.close()
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(sock_path))
+            client.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            reply = b""
+            while chunk := client.recv(65536):
+                reply += chunk
+    finally:
+        agent.stop()
+        emu.stop()
+    text = reply.partition(b"\r\n\r\n")[2].decode()
+    requests = {tuple(sorted(s.labels.items())): s.value for f in text_string_to_metric_families(text)
+                for s in f.samples if s.name == "imds_agent_requests_total"}  # fmt: skip
+    assert requests == {
+        (("class", "none"), ("decision", "allow"), ("imds", "v1")): 2,
+        (("class", "credentials"), ("decision", "deny"), ("imds", "v1")): 1,
+        (("class", "none"), ("decision", "refused"), ("imds", "v1")): 1,
+    }
+    assert "imds_agent_token_injections_total 2.0" in text

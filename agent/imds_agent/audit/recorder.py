@@ -20,6 +20,7 @@ from ..proxy.types import Answer, Outcome
 from .budget import AuditBudget
 from .inventory import Inventory, path_class
 from .log import AuditLog
+from .metrics import Metrics
 from .stats import Tally
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,13 @@ class Recorder:
         inventory: Inventory,
         tally: Optional[Tally] = None,
         budget: Optional[AuditBudget] = None,
+        metrics: Optional[Metrics] = None,
     ):
         self.audit = audit
         self.inventory = inventory
         self.tally = tally or Tally()
         self.budget = budget or AuditBudget(rate=0, burst=1)
+        self.metrics = metrics
         self._failed: set[str] = set()
         self._lock = threading.Lock()
 
@@ -55,6 +58,8 @@ class Recorder:
             ("the inventory", self._count),
             ("the totals", self.tally.add),
         ]
+        if self.metrics is not None:
+            steps.append(("the metrics", self.metrics.observe))
         failed = False
         for what, step in steps:
             try:
@@ -114,7 +119,7 @@ class Recorder:
         return first
 
 
-def open_records(config: AuditConfig, uid: int, gid: int) -> Recorder:
+def open_records(config: AuditConfig, uid: int, gid: int, metrics: Optional[Metrics] = None) -> Recorder:
     """The audit log and the inventory, opened (and loaded) as root and handed to the agent's account, so that the
     agent can keep writing them after it drops privileges (under systemd LogsDirectory and StateDirectory do the
     same).
@@ -139,7 +144,7 @@ def open_records(config: AuditConfig, uid: int, gid: int) -> Recorder:
                     os.chown(path, uid, gid)
             except OSError as exc:
                 log.error("cannot hand %s to uid %d: %s", path, uid, exc.strerror)
-    return Recorder(audit, inventory, budget=AuditBudget(config.rate_per_uid, config.burst_per_uid))
+    return Recorder(audit, inventory, budget=AuditBudget(config.rate_per_uid, config.burst_per_uid), metrics=metrics)
 
 
 def _prepare(directory: str, uid: int, gid: int) -> Optional[str]:

@@ -91,6 +91,14 @@ class TokenCache:
         self._retry_after = 0.0
         self.fetches = 0  # how many token PUTs were sent; read by metrics and tests
 
+    def expires_at(self) -> Optional[float]:
+        """Wall-clock time the cached token expires, or None without one (for status and metrics)."""
+        with self._lock:
+            cached = self._token
+        if cached is None:
+            return None
+        return time.time() + (cached.expires_at - self._clock())
+
     def get(self, wait: float = 30.0) -> str:
         """Return a valid token; raise TokenError (or UpstreamError) when none can be had."""
         with self._lock:
