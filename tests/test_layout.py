@@ -12,6 +12,7 @@ UNIT = ROOT / "tests" / "unit"
 # Modules whose tests need real sockets, processes or the kernel, so they live outside tests/unit.
 TESTED_ELSEWHERE = {
     "daemon.py": "assembles real listeners, threads and files: tests/integration/test_daemon.py",
+    "introspect.py": "views of a running Agent: tests/integration/test_daemon.py",
     "proxy/server.py": "accept loop and workers on real sockets: tests/integration/test_server.py",
     "imds/upstream.py": "the HTTP pool against a real server: tests/integration/test_upstream_headers.py",
     "redirect/iptworker.py": "runs as its own process against libiptc: tests/privileged/test_iptables.py",

@@ -104,8 +104,41 @@ def _spec(config: configmod.Config) -> RedirectSpec:
     return spec_for(config.redirect, config.upstream, account.uid, config.listen.port)
 
 
+def _live(config: configmod.Config, command: str) -> Optional[Any]:
+    """The running agent's answer over its control socket, or None (then the caller reads the saved state and
+    says so on stderr)."""
+    from .control import ask
+
+    answer = ask(command, config.control_socket)
+    if answer is None:
+        print(f"imds-agent: no running agent answered at {config.control_socket}; showing the saved state",
+              file=sys.stderr)  # fmt: skip
+    return answer
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """The running agent's mode, backend, rule state, token expiry, totals and uptime (exit 3 when not running)."""
+    config = _load(args)
+    answer = _live(config, "status")
+    if answer is None:
+        print(f"not running; configured mode {config.mode}, backend {config.redirect.backend}")
+        return 3  # as `systemctl status` does for an inactive unit
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return EXIT_OK
+    print(answer.pop("status_line"))
+    for key, value in answer.items():
+        print(f"  {key}: {value}")
+    return EXIT_OK
+
+
 def cmd_rules_show(args: argparse.Namespace) -> int:
     """Print what redirect rules are installed, against what the configuration asks for."""
+    config = _load(args)
+    doc = _live(config, "rules") if not args.backend else None
+    if doc is not None and args.json:
+        print(json.dumps(doc, indent=2))
+        return EXIT_OK
     config, backend = _backend_for(args)
     try:
         result = backend.check(_spec(config))
@@ -174,15 +207,18 @@ def _inventory(args: argparse.Namespace) -> Any:
 def cmd_report(args: argparse.Namespace) -> int:
     """One row per caller from the persisted inventory."""
     from .audit import report
+    from .audit.inventory import Entry
 
     since = time.time() - args.hours * 3600 if args.hours else None
-    inventory = _inventory(args)
-    rows = report.report(inventory.entries(), since)
+    live = _live(_load(args), "report")
+    inventory = None if live is not None else _inventory(args)
+    entries = inventory.entries() if inventory is not None else [Entry(**e) for e in live or []]
+    rows = report.report(entries, since)
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
     else:
         print(report.render_table(rows))
-        if inventory.evicted or inventory.overflowed:
+        if inventory is not None and (inventory.evicted or inventory.overflowed):
             print(report.bound_note(inventory.evicted, inventory.overflowed))
     return EXIT_OK
 
@@ -292,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "remove":
             p.add_argument("--if-fail-open", action="store_true", help="do nothing when fail_mode is closed")
         p.set_defaults(func=func)
+    p = sub.add_parser("status", parents=[common], help="the running agent's mode, rules, token and totals")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
     p = sub.add_parser("report", parents=[common], help="one row per caller from the recorded inventory")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--hours", type=float, default=0, help="only callers seen in the last N hours")

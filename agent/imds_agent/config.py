@@ -228,11 +228,13 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    control_socket: str = "/run/imds-agent/control.sock"  # status/report/rules show ask the running agent here
     source: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check(self.mode in MODES, "mode", f"must be audit or enforce; got {self.mode!r}")
         _check(bool(self.user), "user", "must not be empty")
+        _check(os.path.isabs(self.control_socket), "control_socket", "must be an absolute path")
         port = self.metrics.listen.rpartition(":")[2]
         _check(
             self.metrics.listen.startswith("unix:") or not port.isdigit() or int(port) != self.listen.port,
@@ -317,7 +319,7 @@ def from_document(doc: yamlsrc.Document) -> Config:
 
 
 # Parts a reload cannot change in a running agent (sockets, rules, files, threads were made from them).
-RESTART_ONLY = ("listen", "upstream", "redirect", "user", "audit", "token", "identity", "metrics")
+RESTART_ONLY = ("listen", "upstream", "redirect", "user", "audit", "token", "identity", "metrics", "control_socket")
 
 
 def reread(running: Config) -> Config:

@@ -11,14 +11,16 @@ it (signals, watchdog, reloads, status, pidfile) is supervisor.py's.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable, Optional
 
-from . import __version__, privileges, supervisor
 from . import config as configmod
+from . import introspect, privileges, supervisor
 from .audit import metrics
 from .audit.recorder import open_records
 from .audit.stats import status_line
 from .config import Config
+from .control import ControlServer
 from .errors import AgentError
 from .identity.resolver import Identifier
 from .imds.token import TokenCache, fetch_from
@@ -46,7 +48,10 @@ class Agent:
         self.tokens = TokenCache(fetch_from(self.upstream), config.token.ttl, config.token.refresh_margin)
         self.forwarder = Forwarder(self.upstream, self.tokens, self.gate)
         self.identify = ConnectionIdentifier(Identifier(budget=config.identity.budget))
-        self.metrics = metrics.service(config.metrics, self._state, self.account.gid)
+        self.metrics = metrics.service(config.metrics, lambda: introspect.metrics_state(self), self.account.gid)
+        self.control = ControlServer(config.control_socket, lambda c: introspect.control_answer(self, c),
+                                     self.account.uid, self.account.gid)  # fmt: skip
+        self.started_at = time.monotonic()
         self.recorder = open_records(config.audit, self.account.uid, self.account.gid, self.metrics.metrics
                                      if self.metrics else None)  # fmt: skip
         self.server = ProxyServer(config.listen, self.forwarder, identify=self.identify, report=self.recorder,
@@ -59,6 +64,7 @@ class Agent:
         ]
         if self.metrics is not None:
             self._cleanup.append(("stop the metrics", self.metrics.close))
+        self._cleanup.append(("close the control socket", self.control.close))
 
     @property
     def mode(self) -> str:
@@ -68,6 +74,7 @@ class Agent:
     def start(self) -> None:
         """Listen, install the redirect, drop privileges, then serve and reconcile."""
         self.server.bind()
+        self.control.bind()
         self._cleanup.append(("close listeners", self.server.close))
         if self.config.redirect.enabled:
             privileges.require_for_redirect()
@@ -81,6 +88,7 @@ class Agent:
         backend = self.interception.backend if self.interception is not None else None
         privileges.settle(self.account, privileges.caps_for(backend.capabilities if backend else None))
         self.server.start()
+        self.control.start()
         if self.metrics is not None:
             self.metrics.start()
         if self.interception is not None:
@@ -115,14 +123,6 @@ class Agent:
         self.recorder.save()
         if self.metrics is not None:
             self.metrics.save()
-
-    def _state(self) -> metrics.AgentState:
-        icpt, audit = self.interception, self.recorder.audit
-        families = {"ipv4": True, "ipv6": icpt.spec.with_ipv6} if icpt is not None else {}
-        return metrics.AgentState(__version__, self.mode, icpt.backend.name if icpt else "none",
-                                  self.config.redirect.fail_mode, self.tokens.expires_at(), families,
-                                  icpt.repairs if icpt else 0, audit.dropped if audit else 0,
-                                  self.recorder.budget.suppressed)  # fmt: skip
 
     def reload(self) -> bool:
         """SIGHUP: re-read the configuration and the policy; apply both or neither. Returns whether it applied.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import http.client
 import os
 import signal
@@ -191,3 +192,35 @@ def test_metrics_count_what_the_agent_answered(config: Config, tmp_path: Path) -
         (("class", "none"), ("decision", "refused"), ("imds", "v1")): 1,
     }
     assert "imds_agent_token_injections_total 2.0" in text
+
+
+def test_status_and_report_ask_the_running_agent(config: Config, tmp_path: Path, capsys) -> None:
+    """report right after a request showed nothing: the inventory reached disk only every 10 s."""
+    from imds_agent import cli
+    from imds_agent.control import ask
+
+    emu = Emulator(tokens="required", addresses=[("127.0.0.1", 0)])
+    emu.start()
+    sock_path = str(tmp_path / "control.sock")
+    upstream = UpstreamConfig(ipv4="127.0.0.1", port=emu.addresses[0][1])
+    agent = Agent(dataclasses.replace(config, mode="enforce", upstream=upstream, control_socket=sock_path))
+    agent.start()
+    source = tmp_path / "cli.yaml"
+    source.write_text(f"control_socket: {sock_path}\naudit: {{state_dir: {config.audit.state_dir}}}\n")
+    try:
+        conn = http.client.HTTPConnection(*agent.server.addresses[0], timeout=5)
+        conn.request("GET", CREDS)
+        assert conn.getresponse().status == 403
+        conn.close()
+        status = ask("status", sock_path)
+        assert status["mode"] == "enforce" and status["totals"]["denied"] == 1 and status["rules"] == "disabled"
+        assert cli.main(["report", "--json", "--config", str(source)]) == 0
+        rows = json.loads(capsys.readouterr().out)
+        assert [(r["exe"], r["denied"]) for r in rows] == [(os.path.realpath(f"/proc/{os.getpid()}/exe"), 1)]
+        assert cli.main(["status", "--config", str(source)]) == 0
+        assert "enforce mode: 1 requests" in capsys.readouterr().out
+    finally:
+        agent.stop()
+        emu.stop()
+    assert cli.main(["status", "--config", str(source)]) == 3
+    assert "no running agent answered" in capsys.readouterr().err
