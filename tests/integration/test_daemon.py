@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import http.client
+import json
 import os
 import signal
 import socket
@@ -213,6 +213,7 @@ def test_status_and_report_ask_the_running_agent(config: Config, tmp_path: Path,
         assert conn.getresponse().status == 403
         conn.close()
         status = ask("status", sock_path)
+        assert status is not None
         assert status["mode"] == "enforce" and status["totals"]["denied"] == 1 and status["rules"] == "disabled"
         assert cli.main(["report", "--json", "--config", str(source)]) == 0
         rows = json.loads(capsys.readouterr().out)
