@@ -7,7 +7,7 @@ APT_PACKAGES := python3-venv python3-dev nftables iptables iproute2 util-linux c
 	debootstrap systemd-container lintian rpm rpmlint
 export PATH := /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
-.PHONY: all deps venv demo test compat lint unit bench e2e deb rpm clean
+.PHONY: all deps venv demo test compat lint unit bench e2e deb rpm distributor clean
 
 all: test
 
@@ -75,6 +75,12 @@ deb: deps
 rpm: deps
 	packaging/rpm/build.sh $(PYROUTE2_DIR) dist
 	rpmlint dist/imds-agent-*.noarch.rpm || true  # remaining findings are explained in packaging/README.md
+
+# The SSM Distributor package (manifest.json and a zip per platform family) from this version's .deb and .rpm.
+distributor: deb rpm
+	v=$$(sed -n 's/^__version__ = "\(.*\)"/\1/p' agent/imds_agent/__init__.py); \
+	$(BIN)/python packaging/distributor/build.py --version "$$v" --out dist/distributor \
+		--deb dist/imds-agent_$${v}_all.deb --rpm dist/imds-agent-$${v}-1.noarch.rpm
 
 clean:
 	rm -rf $(VENV) $(VENV39) .stamp-* build dist .cache agent/*.egg-info .mypy_cache .ruff_cache .pytest_cache

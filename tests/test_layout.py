@@ -32,6 +32,7 @@ EXTRA_TESTS = {
     "policy/test_paths_properties.py": "property tests of policy/paths.py (hypothesis)",
     "policy/test_shipped_rules.py": "the drop-ins shipped in rules/ load and decide as documented",
     "test_ssm_documents.py": "the SSM documents in packaging/ssm",
+    "test_distributor.py": "the SSM Distributor builder in packaging/distributor (not part of the package)",
 }
 
 
