@@ -12,6 +12,8 @@ log = logging.getLogger(__name__)
 AUTO = "auto"
 #: Every backend, in the order `auto` prefers them.
 BACKEND_NAMES = ("nftables", "iptables")
+#: Backends that can be named but that `auto` never picks (ebpf: connect hooks, off until it is complete).
+EXPERIMENTAL = ("ebpf",)
 #: What `redirect.backend` may say.
 CHOICES = (AUTO, *BACKEND_NAMES)
 
@@ -26,6 +28,10 @@ def make_backend(name: str) -> Backend:
         from .iptables import IptablesBackend
 
         return IptablesBackend()
+    if name == "ebpf":
+        from .ebpf import EbpfBackend
+
+        return EbpfBackend()
     raise UnsupportedError(f"unknown redirect backend {name!r} (choose {', '.join(CHOICES)})")
 
 

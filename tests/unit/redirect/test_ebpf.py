@@ -127,3 +127,11 @@ def test_the_backend_owns_its_links_and_refuses_what_it_cannot_keep(tmp_path: Pa
 
 def test_map_keys_are_native_u64_cookies() -> None:
     assert struct.pack("=Q", COOKIE) == COOKIE.to_bytes(8, sys.byteorder)
+
+
+def test_ebpf_can_be_named_but_auto_never_picks_it() -> None:
+    from imds_agent.redirect import registry
+
+    assert isinstance(registry.make_backend("ebpf"), ebpf.EbpfBackend)
+    assert registry.EXPERIMENTAL == ("ebpf",)
+    assert "ebpf" not in registry.BACKEND_NAMES and "ebpf" not in registry.CHOICES
