@@ -16,6 +16,7 @@ from typing import Any, Optional
 import pytest
 from pyroute2 import IPRoute, netns
 
+from imds_agent.errors import RedirectError
 from imds_agent.redirect import bpfsys
 from imds_agent.redirect.base import RedirectSpec, State
 from imds_agent.redirect.ebpf import ATTACH, IPPROTO_MPTCP, EbpfBackend, default_cgroup, peer_cookie
@@ -209,7 +210,7 @@ def test_check_names_the_links_and_close_leaves_nothing_attached(backend: EbpfBa
 
 
 def test_persistent_programs_are_refused_until_pinning_exists(backend: EbpfBackend) -> None:
-    with pytest.raises(Exception, match="pinning"):
+    with pytest.raises(RedirectError, match="pinning"):
         backend.apply(spec(968), owned=False)
 
 
@@ -241,3 +242,13 @@ class listeners_on_loopback:
 
     def __exit__(self, *exc: object) -> None:
         self.ls.close()
+
+
+def test_a_missing_cgroup_is_a_redirect_error_naming_it(netns_name: str) -> None:
+    b = EbpfBackend(cgroup="/sys/fs/cgroup/imds-agent-no-such-cgroup")
+    try:
+        with pytest.raises(RedirectError, match="cannot open cgroup /sys/fs/cgroup/imds-agent-no-such-cgroup"):
+            b.apply(spec(968), owned=True)
+        assert b.check().state == State.ABSENT
+    finally:
+        b.close()

@@ -296,7 +296,10 @@ class EbpfBackend:
     def _load(self, spec: RedirectSpec, cookie: int, map_fd: int, attach: bool = True) -> list[_Hook]:
         """Load (and link) both programs; on any failure close what this call made and raise RedirectError."""
         hooks: list[_Hook] = []
-        cgroup_fd = os.open(self.cgroup or "", os.O_RDONLY | os.O_DIRECTORY) if attach else -1
+        try:
+            cgroup_fd = os.open(self.cgroup or "", os.O_RDONLY | os.O_DIRECTORY) if attach else -1
+        except OSError as exc:
+            raise RedirectError(f"ebpf backend: cannot open cgroup {self.cgroup}: {exc.strerror}") from None
         try:
             for family, prog_name in PROG_NAMES.items():
                 code = build_program(family, spec, cookie).assemble({MAP_NAME: map_fd})
