@@ -107,6 +107,7 @@ class UpstreamConfig:
     read_timeout: float = 3.0
     pool_size: int = 16
     via: str = "ipv4"  # which address the agent itself uses: ipv6 on IPv6-only instances
+    mark: int = 0  # SO_MARK on the agent's own upstream sockets, for hosts whose policy routing needs one; 0: none
 
     def __post_init__(self) -> None:
         _check(self.via in ("ipv4", "ipv6"), "via", f"must be ipv4 or ipv6; got {self.via!r}")
@@ -116,6 +117,7 @@ class UpstreamConfig:
         _timeout(self.connect_timeout, "connect_timeout")
         _timeout(self.read_timeout, "read_timeout")
         _check(1 <= self.pool_size <= 1024, "pool_size", "must be 1..1024")
+        _check(0 <= self.mark <= 0xFFFFFFFF, "mark", "must be 0..4294967295")
 
 
 @dataclass(frozen=True)

@@ -136,8 +136,8 @@ def test_the_packaged_unit_under_systemd(tmp_path: Path) -> None:
 
 
 def test_the_rpm_installs_starts_upgrades_and_erases_under_systemd(tmp_path: Path) -> None:
-    """The .rpm's scriptlets for real: rpm itself on the same booted Debian root. Debian's python3-psutil, -yaml
-    and -urllib3 stand in for the RPM distributions' packages, which rpm cannot know about (hence --nodeps)."""
+    """The .rpm's scriptlets for real: rpm itself on the same booted Debian root. Debian's python3-psutil and -yaml
+    stand in for the RPM distributions' packages, which rpm cannot know about (hence --nodeps)."""
     rpm1 = build("rpm", str(tmp_path), "0.1.0")
     rpm2 = build("rpm", str(tmp_path), "0.1.1")
     with Sandbox() as sbx, overlay_root(systemd_root(), chroot_mounts=False) as root:
