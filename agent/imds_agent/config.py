@@ -17,6 +17,7 @@ from . import yamlsrc
 from .errors import ConfigError
 from .policy.model import DEFAULT_SETTING, DEFAULTS, UNKNOWN_SETTING
 from .redirect.registry import CHOICES as BACKENDS
+from .redirect.registry import EXPERIMENTAL as EXPERIMENTAL_BACKENDS
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +144,14 @@ class RedirectConfig:
     reconcile_interval: float = 5.0  # 0 turns the reconciler off
 
     def __post_init__(self) -> None:
-        _check(self.backend in BACKENDS, "backend", f"must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        known = (*BACKENDS, *EXPERIMENTAL_BACKENDS)
+        _check(self.backend in known, "backend", f"must be one of {', '.join(known)}; got {self.backend!r}")
         _check(self.fail_mode in FAIL_MODES, "fail_mode", f"must be open or closed; got {self.fail_mode!r}")
+        _check(
+            self.fail_mode == "open" or self.backend not in EXPERIMENTAL_BACKENDS,
+            "fail_mode",
+            f"the {self.backend} backend (experimental) cannot keep its hooks without the agent yet: use open",
+        )
         _check(0 <= self.reconcile_interval <= 3600, "reconcile_interval", "must be 0..3600 seconds")
 
 

@@ -22,12 +22,16 @@ CAP_NET_BIND_SERVICE = 10
 CAP_NET_ADMIN = 12
 CAP_NET_RAW = 13
 CAP_SYS_PTRACE = 19
+CAP_SYS_ADMIN = 21
+CAP_BPF = 39
 CAP_NAMES = {
     CAP_DAC_READ_SEARCH: "CAP_DAC_READ_SEARCH",
     CAP_NET_BIND_SERVICE: "CAP_NET_BIND_SERVICE",
     CAP_NET_ADMIN: "CAP_NET_ADMIN",
     CAP_NET_RAW: "CAP_NET_RAW",
     CAP_SYS_PTRACE: "CAP_SYS_PTRACE",
+    CAP_SYS_ADMIN: "CAP_SYS_ADMIN",
+    CAP_BPF: "CAP_BPF",
 }
 # NET_ADMIN: repair the redirect rules (netlink, xtables). NET_RAW: libiptc talks to the kernel over a raw socket.
 # SYS_PTRACE and DAC_READ_SEARCH: read other users' /proc/PID/fd links to find which process owns a socket.

@@ -124,7 +124,7 @@ def test_unknown_user_and_bad_backend_are_clear_errors(sbx: Sandbox) -> None:
     proc = bad_user.cli("audit")
     assert proc.returncode == 78 and "user 'no-such-user-here' does not exist" in proc.stderr
     with open(bad_user.config, "w", encoding="utf-8") as fh:
-        fh.write(text.replace("user: no-such-user-here", "user: '64001'").replace("backend: auto", "backend: ebpf"))
+        fh.write(text.replace("user: no-such-user-here", "user: '64001'").replace("backend: auto", "backend: pf"))
     proc = bad_user.cli("check-config")
     assert proc.returncode == 78 and "redirect.backend" in proc.stderr and ":3:" in proc.stderr
 

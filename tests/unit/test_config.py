@@ -60,7 +60,7 @@ def test_values_are_read(tmp_path: Path) -> None:
         ("token:\n  ttl: 21601\n", 2, "token.ttl", "1..21600"),
         ("upstream:\n  ipv4: fd00:ec2::254\n", 2, "upstream.ipv4", "not an IPv4"),
         ("redirect:\n  enabled: yes please\n", 2, "redirect.enabled", "true or false"),
-        ("redirect:\n  backend: ebpf\n", 2, "redirect.backend", "auto, nftables, iptables"),
+        ("redirect:\n  backend: pf\n", 2, "redirect.backend", "auto, nftables, iptables, ebpf"),
         ("redirect:\n  fial_mode: open\n", 2, "redirect.fial_mode", "unknown key"),
         ("policy:\n  default: allow-all\n", 2, "policy.default", "must be one of"),
         ("mode: audit\nmode: enforce\n", 2, "mode", "duplicate key"),
@@ -123,3 +123,9 @@ def test_listen_addresses_need_only_what_the_redirect_targets(tmp_path: Path) ->
     assert configmod.load(write(tmp_path, "listen: {addresses: [127.0.0.1]}\nredirect: {enabled: false}\n"))
     config = configmod.load(write(tmp_path, "listen: {addresses: ['0:0:0:0:0:0:0:1', 127.0.0.1]}\n"))
     assert config.redirect.ipv6 and "0:0:0:0:0:0:0:1" in config.listen.addresses
+
+
+def test_the_experimental_ebpf_backend_is_accepted_only_failing_open() -> None:
+    assert configmod.RedirectConfig(backend="ebpf").backend == "ebpf"
+    with pytest.raises(configmod._FieldError, match="experimental"):
+        configmod.RedirectConfig(backend="ebpf", fail_mode="closed")
