@@ -142,6 +142,7 @@ class RedirectConfig:
     ipv6: bool = True
     fail_mode: str = "open"
     reconcile_interval: float = 5.0  # 0 turns the reconciler off
+    cgroup: str = ""  # ebpf: the cgroup v2 directory the hooks attach to ("" : the hierarchy's root, every process)
 
     def __post_init__(self) -> None:
         known = (*BACKENDS, *EXPERIMENTAL_BACKENDS)
@@ -153,6 +154,7 @@ class RedirectConfig:
             f"the {self.backend} backend (experimental) cannot keep its hooks without the agent yet: use open",
         )
         _check(0 <= self.reconcile_interval <= 3600, "reconcile_interval", "must be 0..3600 seconds")
+        _check(not self.cgroup or os.path.isabs(self.cgroup), "cgroup", "must be an absolute path")
 
 
 @dataclass(frozen=True)

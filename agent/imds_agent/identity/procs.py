@@ -306,3 +306,12 @@ def port_holder(port: int, proc: str = PROC) -> Optional[str]:
                 return index.describe(pid).describe()
             return f"a socket of uid {fields[7]}"
     return None
+
+
+def current_comm(pid: int, proc: str = PROC) -> Optional[str]:
+    """The kernel's name of what ``pid`` runs (/proc/PID/comm, 15 bytes at most); exec changes it."""
+    try:
+        with open(f"{proc}/{pid}/comm", "rb") as fh:
+            return fh.read().rstrip(b"\n").decode(errors="backslashreplace")
+    except OSError:
+        return None

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .caller import Caller
-from .procs import OverBudget, ProcessIndex
+from .procs import OverBudget, ProcessIndex, current_comm, holds_socket
 from .sockets import SocketLookup
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,41 @@ class Identifier:
         finally:
             self.last_cost = cost = time.monotonic() - started
             self._account(caller, cost)
+
+    def identify_attested(self, peer: tuple[str, int], local: tuple[str, int], tgid: int, comm: str) -> Caller:
+        """The Caller the kernel attested at connect time (the ebpf backend's record): process ``tgid``, which
+        was running ``comm``. No /proc search: the record names the process. It must still hold the socket and
+        still run what it ran when it connected; otherwise it is unidentified with the reason, never a guess."""
+        started = time.monotonic()
+        caller: Optional[Caller] = None
+        try:
+            caller = self._attested(peer, local, tgid, comm, started + self.budget)
+            return caller
+        finally:
+            self.last_cost = cost = time.monotonic() - started
+            self._account(caller, cost)
+
+    def _attested(self, peer: tuple[str, int], local: tuple[str, int], tgid: int, comm: str, deadline: float) -> Caller:
+        try:
+            owner = self.lookup.owner(peer, local)
+        except OSError as exc:
+            return Caller.unknown(f"socket lookup failed: {exc.strerror or exc}")
+        if owner is None or owner.inode == 0:
+            return Caller.unknown("the client closed its socket before it could be identified")
+        try:
+            if not holds_socket(tgid, f"socket:[{owner.inode}]", self.index.proc, deadline):
+                return Caller.unknown(f"the process that connected (pid {tgid}) no longer holds the socket",
+                                      uid=owner.uid)  # fmt: skip
+            now = current_comm(tgid, self.index.proc)
+            if now != comm:
+                return Caller.unknown(f"the process that connected (pid {tgid}, {comm!r}) has exec'd since",
+                                      uid=owner.uid)  # fmt: skip
+            caller = self.index.describe(tgid)
+            if caller.known and owner.uid:
+                return self._with_sharers(caller, owner.inode, owner.uid, deadline)
+            return caller
+        except OverBudget:
+            return self._over_budget(owner.uid)
 
     def costs(self) -> dict[Optional[int], UidCost]:
         """A snapshot of the cost accounts by uid (None: the socket's uid was not found)."""

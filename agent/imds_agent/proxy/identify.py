@@ -8,8 +8,9 @@ with that reason; it never raises into the server.
 from __future__ import annotations
 
 import logging
+import socket
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 from ..identity.caller import Caller
 from ..identity.resolver import Identifier
@@ -20,6 +21,17 @@ from .types import Address, Client
 log = logging.getLogger(__name__)
 
 
+class Attested(Protocol):
+    """A connect-time record of the process that connected (redirect/ebpf.py's ConnectRecord)."""
+
+    tgid: int
+    comm: str
+    original_dst: tuple[str, int]
+
+
+Attest = Callable[[socket.socket], Optional[Attested]]
+
+
 class ConnectionIdentifier:
     """Callable hook: ``Connection -> Client``; thread-safe, shared by every worker."""
 
@@ -28,12 +40,16 @@ class ConnectionIdentifier:
         identifier: Identifier,
         dst: Callable[[Connection], Optional[Address]] = lambda conn: original_dst(conn.sock),
         clock: Callable[[], float] = time.time,
+        attest: Optional[Attest] = None,
     ):
         self.identifier = identifier
         self._dst = dst
         self._clock = clock
+        self.attest = attest
 
     def __call__(self, conn: Connection) -> Client:
+        if self.attest is not None:
+            return self._attested(conn, self.attest)
         dst = self._dst(conn)
         started = time.monotonic()
         try:
@@ -42,6 +58,22 @@ class ConnectionIdentifier:
             # A bug or an unexpected /proc state must not make a caller anyone in particular.
             log.exception("identifying the client of a connection failed")
             caller = Caller.unknown(f"identification failed: {type(exc).__name__}")
+        return Client(conn.peer, conn.local, dst, caller, self._clock(), time.monotonic() - started)
+
+    def _attested(self, conn: Connection, attest: Attest) -> Client:
+        """With a backend that attests callers at connect time (ebpf): the record names the process."""
+        started = time.monotonic()
+        try:
+            record = attest(conn.sock)
+            if record is None:
+                caller = Caller.unknown("no connect record for this socket (connected before the hooks, or evicted)")
+                dst = None
+            else:
+                dst = record.original_dst
+                caller = self.identifier.identify_attested(conn.peer, conn.local, record.tgid, record.comm)
+        except Exception as exc:
+            log.exception("identifying the client of a connection failed")
+            caller, dst = Caller.unknown(f"identification failed: {type(exc).__name__}"), None
         return Client(conn.peer, conn.local, dst, caller, self._clock(), time.monotonic() - started)
 
     def peer_uid(self, conn: Connection) -> Optional[int]:

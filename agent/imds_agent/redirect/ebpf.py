@@ -378,6 +378,11 @@ class EbpfBackend:
         raw = bpfsys.lookup(self._map_fd, struct.pack("=Q", cookie), RECORD.size)
         return ConnectRecord.decode(raw) if raw is not None else None
 
+    def attest(self, conn: socket.socket) -> Optional[ConnectRecord]:
+        """The connect-time record of the process behind an accepted connection (None: none, or evicted)."""
+        cookie = peer_cookie(conn)
+        return self.record(cookie) if cookie is not None else None
+
     def close(self) -> None:
         """Detach everything and drop the map."""
         self.remove()

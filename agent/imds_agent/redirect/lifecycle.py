@@ -73,7 +73,7 @@ class Interception:
     def __init__(self, config: RedirectConfig, spec: RedirectSpec, backend: Optional[Backend] = None):
         self.config = config
         self.spec = spec
-        self.backend = backend if backend is not None else select_backend(config.backend)
+        self.backend = backend if backend is not None else select_backend(config.backend, config.cgroup or None)
         self.fail_open = config.fail_mode == "open"
         # A backend that can tie its rules to this process needs no guardian for fail-open.
         self.owned = self.fail_open and self.backend.can_own()

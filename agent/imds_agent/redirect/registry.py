@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 from ..errors import UnsupportedError
 from .base import Backend
@@ -18,7 +19,7 @@ EXPERIMENTAL = ("ebpf",)
 CHOICES = (AUTO, *BACKEND_NAMES)
 
 
-def make_backend(name: str) -> Backend:
+def make_backend(name: str, cgroup: Optional[str] = None) -> Backend:
     """Instantiate a backend by name without probing it."""
     if name == "nftables":
         from .nftables import NftablesBackend
@@ -31,11 +32,11 @@ def make_backend(name: str) -> Backend:
     if name == "ebpf":
         from .ebpf import EbpfBackend
 
-        return EbpfBackend()
+        return EbpfBackend(cgroup=cgroup)
     raise UnsupportedError(f"unknown redirect backend {name!r} (choose {', '.join(CHOICES)})")
 
 
-def select_backend(name: str) -> Backend:
+def select_backend(name: str, cgroup: Optional[str] = None) -> Backend:
     """Pick the backend for this host: the configured one, or for ``auto`` the first supported in BACKEND_NAMES,
     except that a host already using legacy iptables nat rules gets iptables (mixing the two on one host makes
     rule order impossible to reason about).
@@ -43,7 +44,7 @@ def select_backend(name: str) -> Backend:
     Raises UnsupportedError naming what is missing.
     """
     if name != AUTO:
-        backend = make_backend(name)
+        backend = make_backend(name, cgroup)
         if not backend.is_supported():
             raise UnsupportedError(f"redirect backend {name}: {backend.unsupported_reason()}")
         return backend

@@ -29,6 +29,7 @@ class AgentProcess:
         extra: str = "",
         policy_default: str = "allow-nonsensitive",
         audit: str = "",
+        redirect: str = "",
     ):
         self.sbx = sbx
         self.mode = mode
@@ -40,7 +41,8 @@ class AgentProcess:
         with open(self.config, "w", encoding="utf-8") as fh:
             fh.write(
                 f"mode: {mode}\nuser: '{uid}'\n"
-                f"redirect: {{backend: {backend}, fail_mode: {fail_mode}, reconcile_interval: {reconcile_interval}}}\n"
+                f"redirect: {{backend: {backend}, fail_mode: {fail_mode}, "
+                f"reconcile_interval: {reconcile_interval}{redirect}}}\n"
                 f"policy: {{dir: {work}/policy.d, default: {policy_default}}}\n"
                 f"audit: {{log: {work}/audit/audit.jsonl, state_dir: {work}/state{audit}}}\n" + extra
             )

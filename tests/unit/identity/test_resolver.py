@@ -94,3 +94,21 @@ def test_a_socket_its_process_already_closed_is_unidentified_without_a_search(tm
     ident = Identifier(lookup=Closed(), index=NoSearch(tmp_path, {}, []))  # type: ignore[arg-type]
     caller = ident.identify(("127.0.0.1", 1), ("127.0.0.1", 2), None)
     assert not caller.known and "closed its socket" in caller.reason and caller.uid == 1000
+
+
+def test_an_attested_caller_must_still_hold_the_socket_and_run_what_it_ran(tmp_path: Path, monkeypatch) -> None:
+    """The ebpf record names the process that connected; a pid that no longer holds the socket (it exited, its
+    number was reused) or that has exec'd since is unidentified, never taken on trust."""
+    from imds_agent.identity import resolver
+
+    index = FakeIndex(tmp_path, {30: CURL}, [])
+    ident = Identifier(lookup=FakeLookup(), index=index)  # type: ignore[arg-type]
+    holders = {30}
+    monkeypatch.setattr(resolver, "holds_socket", lambda pid, target, proc, deadline=None: pid in holders)
+    monkeypatch.setattr(resolver, "current_comm", lambda pid, proc: "curl")
+    assert ident.identify_attested(("127.0.0.1", 1), ("127.0.0.1", 2), 30, "curl") == CURL
+    exec_d = ident.identify_attested(("127.0.0.1", 1), ("127.0.0.1", 2), 30, "python3")
+    assert not exec_d.known and "has exec'd since" in exec_d.reason
+    holders.clear()
+    gone = ident.identify_attested(("127.0.0.1", 1), ("127.0.0.1", 2), 30, "curl")
+    assert not gone.known and "no longer holds the socket" in gone.reason

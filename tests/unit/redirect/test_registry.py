@@ -27,7 +27,7 @@ class Fake:
 def host(monkeypatch: pytest.MonkeyPatch, supported: dict[str, bool], legacy: bool = False) -> list[Fake]:
     made: list[Fake] = []
 
-    def make(name: str) -> Fake:
+    def make(name: str, cgroup: str | None = None) -> Fake:
         made.append(Fake(name, supported[name]))
         return made[-1]
 
