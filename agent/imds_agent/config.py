@@ -104,8 +104,10 @@ class UpstreamConfig:
     ipv4: str = "169.254.169.254"
     ipv6: str = "fd00:ec2::254"
     port: int = 80
-    connect_timeout: float = 1.0
-    read_timeout: float = 3.0
+    # Together under the SDKs' 1 s timeout: the agent answers 504 before the client gives up and retries, which
+    # would multiply the load on a metadata service exactly when it is slow (throttled at 1024 packets/s).
+    connect_timeout: float = 0.25
+    read_timeout: float = 0.7
     pool_size: int = 16
     via: str = "ipv4"  # which address the agent itself uses: ipv6 on IPv6-only instances
     mark: int = 0  # SO_MARK on the agent's own upstream sockets, for hosts whose policy routing needs one; 0: none
