@@ -70,3 +70,46 @@ def test_a_preloaded_caller_is_recorded_and_refused_by_rules_that_say_so(sbx: Sa
     lines = [json.loads(x) for x in Path(sbx.workdir, "audit", "audit.jsonl").read_text().splitlines()]
     curl_lines = [x for x in lines if x["exe"] == "/usr/bin/curl"]
     assert [x["preload"] for x in curl_lines] == [None, ["LD_PRELOAD"]]
+
+
+# The launcher makes a socket, starts the allowed curl holding it (curl talks to a silent listener of its own),
+# then forks the lender, and closes its own copy. The lender connects the shared socket (through the redirect),
+# writes the request and reads the answer. curl and the lender are siblings: neither is the other's parent or
+# child, and curl, the older, is the first holder a search of the uid's processes meets.
+LENDER = """
+import os, socket, subprocess, sys, time
+silent = socket.socket()
+silent.bind(("127.0.0.1", 0))
+silent.listen(1)
+s = socket.socket()
+s.set_inheritable(True)
+curl = subprocess.Popen(["/usr/bin/curl", "-s", "--max-time", "4", f"telnet://127.0.0.1:{silent.getsockname()[1]}"],
+                        pass_fds=(s.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+time.sleep(0.3)
+lender = os.fork()
+if lender == 0:
+    s.settimeout(5)
+    s.connect(("169.254.169.254", 80))
+    s.sendall(b"GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n")
+    answer = b""
+    while chunk := s.recv(65536):
+        answer += chunk
+    print(answer.split(b"\\r\\n", 1)[0].decode(), flush=True)
+    os._exit(0)
+s.close()
+os.waitpid(lender, 0)
+curl.kill()
+"""
+
+
+def test_a_socket_lent_to_an_allowed_sibling_gets_only_what_every_holder_may_have(sbx: Sandbox) -> None:
+    agent = AgentProcess(sbx, mode="enforce").start()
+    try:
+        out = sbx.run(["/usr/bin/python3", "-c", LENDER], uid=APP)
+    finally:
+        agent.stop()
+    assert out.stdout.strip() == "HTTP/1.1 403 Forbidden", out.stdout + out.stderr
+    lines = [json.loads(x) for x in Path(sbx.workdir, "audit", "audit.jsonl").read_text().splitlines()]
+    (record,) = [x for x in lines if x.get("sensitive") == "credentials"]
+    holders = {record["exe"], *(h.split(" ", 1)[1] for h in record["shared_with"] or [])}
+    assert record["exe"] == "/usr/bin/curl" and any("python3" in h for h in holders), record

@@ -26,8 +26,7 @@ log = logging.getLogger(__name__)
 PROC = "/proc"
 RECENT_PIDS = 256
 DESCRIBED = 1024
-MAX_RELATIVES = 64  # how many related processes a shared-socket check visits at most
-PPID, START_TICKS = 1, 19  # /proc/PID/stat fields 4 and 22, counted from the state field
+START_TICKS = 19  # /proc/PID/stat field 22, counted from the state field
 _CONTAINER = re.compile(r"(?:docker-|cri-containerd-|crio-|libpod-|/docker/|/kubepods/.*/)([0-9a-f]{64})")
 _UNIT = re.compile(r"/([^/]+\.(?:service|scope))(?:/|$)")
 
@@ -160,46 +159,20 @@ class ProcessIndex:
             while len(self._recent) > RECENT_PIDS:
                 self._recent.popitem(last=False)
 
-    def relatives_holding(self, pid: int, inode: int, uid: int, deadline: Optional[float] = None) -> list[int]:
-        """Other processes of ``uid`` related to ``pid`` by fork (ancestors and descendants) that hold the socket
-        too. A socket is shared by inheritance, so that is where a second holder is; processes of other uids are
-        not followed (reaching them needs privileges that make this check moot), nor is pid 1."""
+    def holders(self, pid: int, inode: int, uid: int, deadline: Optional[float] = None) -> list[int]:
+        """Every other process of ``uid`` that holds socket ``inode`` besides ``pid``: parents, children and
+        siblings alike (a socket lent to an unrelated process of the same user, or inherited by two children of
+        a parent that closed its own copy). Processes of other uids are not searched (reaching them needs
+        privileges that make this check moot), nor is pid 1; the walk stops at ``deadline`` (OverBudget)."""
         target = f"socket:[{inode}]"
         found: list[int] = []
-        seen = {pid}
-        ancestor = pid
-        for _ in range(MAX_RELATIVES):
-            ancestor = stat_field(ancestor, PPID, self.proc) or 0
-            if ancestor <= 1 or ancestor in seen or owner_of(ancestor, self.proc) != uid:
-                break
-            seen.add(ancestor)
-            if holds_socket(ancestor, target, self.proc, deadline):
-                found.append(ancestor)
-        queue = [pid]
-        while queue and len(seen) < MAX_RELATIVES:
-            for child in self._children(queue.pop()):
-                if child in seen or owner_of(child, self.proc) != uid:
-                    continue
-                seen.add(child)
-                queue.append(child)
-                if holds_socket(child, target, self.proc, deadline):
-                    found.append(child)
-        return found
-
-    def _children(self, pid: int) -> list[int]:
-        """Children of every thread of ``pid`` (/proc/PID/task/TID/children)."""
-        out: list[int] = []
-        try:
-            tids = os.listdir(f"{self.proc}/{pid}/task")
-        except OSError:
-            return out
-        for tid in tids:
-            try:
-                with open(f"{self.proc}/{pid}/task/{tid}/children", "rb") as fh:
-                    out.extend(int(c) for c in fh.read().split())
-            except (OSError, ValueError):
+        for other in pids_of_uid(uid, self.proc):
+            if other in (pid, 1):
                 continue
-        return out
+            check_deadline(deadline)
+            if holds_socket(other, target, self.proc, deadline):
+                found.append(other)
+        return found
 
     def describe(self, pid: int) -> Caller:
         """The Caller for ``pid``; ``unknown`` when it vanished or cannot be read (never a guess)."""

@@ -151,12 +151,12 @@ class Identifier:
             return self._over_budget(owner.uid)
 
     def _with_sharers(self, caller: Caller, inode: int, uid: int, deadline: float) -> Caller:
-        """``caller`` with the related processes that hold the same socket while running something else: one of
+        """``caller`` with the other processes of its uid that hold the same socket while running something else: one of
         them may write the request and read the answer while another lends its identity."""
         if caller.pid is None:
             return caller
         sharers = []
-        for other_pid in self.index.relatives_holding(caller.pid, inode, uid, deadline):
+        for other_pid in self.index.holders(caller.pid, inode, uid, deadline):
             other = self.index.describe(other_pid)
             if not other.known:
                 if not os.path.exists(f"{self.index.proc}/{other_pid}"):

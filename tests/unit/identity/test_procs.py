@@ -64,27 +64,14 @@ def test_describe_this_process_and_cache_it() -> None:
     assert index.describe(os.getpid()) is caller
 
 
-def family(root: Path, pid: int, ppid: int, sockets: list[int], children: tuple[int, ...] = ()) -> None:
-    """A fake process with a parent, sockets and children (what relatives_holding reads)."""
-    fake_proc(root, pid, sockets)
-    (root / str(pid) / "stat").write_text(f"{pid} (x y) S {ppid} 1 1 0 -1\n")
-    task = root / str(pid) / "task" / str(pid)
-    task.mkdir(parents=True)
-    (task / "children").write_text(" ".join(map(str, children)) + (" " if children else ""))
-
-
-def test_relatives_holding_finds_ancestors_and_descendants_with_the_socket(tmp_path: Path) -> None:
-    family(tmp_path, 1, 0, [555], children=(10,))  # init holds it too: never followed
-    family(tmp_path, 10, 1, [555], children=(20,))  # grandparent
-    family(tmp_path, 20, 10, [], children=(30,))  # parent without it: the walk goes on past it
-    family(tmp_path, 30, 20, [555], children=(40, 41))  # the process found first
-    family(tmp_path, 40, 30, [555], children=(50,))
-    family(tmp_path, 41, 30, [777])
-    family(tmp_path, 50, 40, [555])
+def test_holders_are_every_other_process_of_the_uid_with_the_socket(tmp_path: Path) -> None:
+    """Siblings and strangers too: a lender need not be a parent or a child of the holder found first."""
+    for pid, sockets in ((1, [555]), (10, [555]), (20, []), (30, [555]), (41, [777]), (50, [555])):
+        fake_proc(tmp_path, pid, sockets)
     index = ProcessIndex(str(tmp_path))
-    assert sorted(index.relatives_holding(30, 555, os.getuid())) == [10, 40, 50]
-    assert index.relatives_holding(41, 777, os.getuid()) == []
-    assert index.relatives_holding(30, 555, os.getuid() + 1) == []  # other uids are not followed
+    assert sorted(index.holders(30, 555, os.getuid())) == [10, 50]  # not itself, never pid 1
+    assert index.holders(41, 777, os.getuid()) == []
+    assert index.holders(30, 555, os.getuid() + 1) == []  # other uids are not searched
 
 
 def test_loader_variables_in_the_start_environment_are_found(tmp_path: Path) -> None:

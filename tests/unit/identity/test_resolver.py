@@ -28,7 +28,7 @@ class FakeIndex:
     def __init__(self, proc: Path, described: dict[int, Caller], holders: list[int]):
         self.proc = str(proc)
         self.described = described
-        self.holders = holders
+        self.holding = holders
         self.slow = False
 
     def find_pid(self, inode: int, uid: int, deadline: float | None = None) -> int:
@@ -39,8 +39,8 @@ class FakeIndex:
     def describe(self, pid: int) -> Caller:
         return self.described[pid]
 
-    def relatives_holding(self, pid: int, inode: int, uid: int, deadline: float | None = None) -> list[int]:
-        return self.holders
+    def holders(self, pid: int, inode: int, uid: int, deadline: float | None = None) -> list[int]:
+        return self.holding
 
 
 def identify(tmp_path: Path, described: dict[int, Caller], holders: list[int]) -> Caller:
