@@ -230,3 +230,33 @@ def test_drain_lets_the_request_in_flight_finish_and_closes_idle_connections_at_
         busy.close()
     finally:
         srv.close()
+
+
+def test_work_for_clients_that_are_gone_is_not_done(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection that waited past the deadline for a worker is answered 503 at once, before identification;
+    one whose client already closed is dropped without any work."""
+    alive, other = socket.socketpair()
+    assert servermod._gone(alive) is False
+    other.close()
+    left, right = socket.socketpair()
+    right.close()
+    assert servermod._gone(left) is True
+    identified: list[object] = []
+    answers: list[Answer] = []
+
+    def identify(conn: servermod.Connection) -> Client:
+        identified.append(conn)
+        return servermod.unidentified(conn)
+
+    monkeypatch.setattr(servermod, "QUEUE_DEADLINE", -1.0)  # every connection has waited too long
+    config = ListenConfig(port=0, addresses=("127.0.0.1",), reserved_connections=0)
+    srv = ProxyServer(config, Echo(), identify=identify, report=answers.append)  # type: ignore[arg-type]
+    srv.start()
+    try:
+        with socket.create_connection(srv.addresses[0], timeout=3) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 503")
+        wait_for(answers, 1)
+    finally:
+        srv.close()
+    assert identified == [] and answers[0].caller.reason == "waited too long for a worker"

@@ -32,6 +32,7 @@ from .types import Address, Answer, Client
 log = logging.getLogger(__name__)
 HEARTBEAT = 1.0  # the accept loop turns at least this often, so that a watchdog can tell it is alive
 IDLE_WORKER_SECONDS = 60.0  # a worker with no connection for this long ends, so a burst does not leave threads
+QUEUE_DEADLINE = 1.0  # a connection that waited this long for a worker is refused before any work is done for it
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Connection:
     peer: Address
     local: Address
     slot: Optional[Slot] = None
+    accepted_at: float = 0.0  # time.monotonic() at accept
 
 
 class RefusalLog:
@@ -255,7 +257,7 @@ class ProxyServer:
             self._refusals.note(why)
             self._refuse(conn, HttpError(503, why), f"refused at the connection limit: {why}", uid)
             return
-        conn = Connection(sock, peer[:2], sock.getsockname()[:2], slot)
+        conn = Connection(sock, peer[:2], sock.getsockname()[:2], slot, time.monotonic())
         with self._pool_lock:
             need_worker = self._idle == 0
             if not need_worker:
@@ -299,6 +301,12 @@ class ProxyServer:
             self._active.add(sock)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if _gone(sock):
+                return  # closed while it waited for a worker: nothing to identify or answer
+            if conn.accepted_at and time.monotonic() - conn.accepted_at > QUEUE_DEADLINE:
+                # Its client has most likely given up (the SDKs wait 1 s): answer at once, do no work for it.
+                self._refuse(conn, HttpError(503, "the agent is overloaded; retry"), "waited too long for a worker")
+                return
             client = self.identify(conn)
             reader = RequestReader(sock, self.config.idle_timeout, self.config.request_timeout)
             while not self._stop.is_set():
@@ -353,6 +361,16 @@ def _ipv6_unavailable(address: str, exc: OSError) -> bool:
     disable_ipv6 on lo): a host choice the agent follows, unlike any other failure to listen."""
     loopback = ipaddress.ip_address(address) == ipaddress.IPv6Address("::1")
     return loopback and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)
+
+
+def _gone(sock: socket.socket) -> bool:
+    """Whether the client closed its end before sending anything (a peek that sees end-of-file)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 def _send(sock: socket.socket, data: bytes) -> bool:
