@@ -117,8 +117,7 @@ class Agent:
     def status(self) -> str:
         """The one-line status for systemd: mode and running totals."""
         repairs = self.interception.repairs if self.interception is not None else 0
-        dropped = self.recorder.audit.dropped if self.recorder.audit is not None else 0
-        return status_line(self.mode, self.recorder.tally.totals(), repairs, dropped)
+        return status_line(self.mode, self.recorder.tally.totals(), repairs, self.recorder.audit_dropped)
 
     def save_inventory(self) -> None:
         """Persist the inventory if it changed (and the metrics textfile)."""

@@ -18,11 +18,11 @@ if TYPE_CHECKING:
 
 def metrics_state(agent: Agent) -> metrics.AgentState:
     """The gauges' values now."""
-    icpt, audit = agent.interception, agent.recorder.audit
+    icpt = agent.interception
     families = {"ipv4": True, "ipv6": icpt.spec.with_ipv6} if icpt is not None else {}
     return metrics.AgentState(
         __version__, agent.mode, icpt.backend.name if icpt else "none", agent.config.redirect.fail_mode,
-        agent.tokens.expires_at(), families, icpt.repairs if icpt else 0, audit.dropped if audit else 0,
+        agent.tokens.expires_at(), families, icpt.repairs if icpt else 0, agent.recorder.audit_dropped,
         agent.recorder.budget.suppressed,
     )  # fmt: skip
 
@@ -41,7 +41,7 @@ def control_answer(agent: Agent, command: str) -> Any:
             "rule_repairs": icpt.repairs if icpt else 0,
             "token_expires_in": round(expires - time.time()) if expires else None,
             "totals": dataclasses.asdict(agent.recorder.tally.totals()),
-            "audit_dropped": agent.recorder.audit.dropped if agent.recorder.audit else 0,
+            "audit_dropped": agent.recorder.audit_dropped,
             "uptime_seconds": round(time.monotonic() - agent.started_at),
             "status_line": agent.status(),
         }

@@ -12,7 +12,7 @@ import logging
 import os
 import tempfile
 import threading
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from ..config import AuditConfig
 from ..errors import PersistenceError
@@ -22,6 +22,7 @@ from .inventory import Inventory, path_class
 from .log import AuditLog
 from .metrics import Metrics
 from .stats import Tally
+from .writer import AuditWriter
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,10 @@ class Recorder:
         tally: Optional[Tally] = None,
         budget: Optional[AuditBudget] = None,
         metrics: Optional[Metrics] = None,
+        writer: Optional[AuditWriter] = None,
     ):
         self.audit = audit
+        self.writer = writer
         self.inventory = inventory
         self.tally = tally or Tally()
         self.budget = budget or AuditBudget(rate=0, burst=1)
@@ -74,9 +77,8 @@ class Recorder:
     def save(self, force: bool = False) -> None:
         """Write the summaries of suppressed lines still pending (a flood that stopped gets its summary within one
         save interval), and persist the inventory (if it changed, unless ``force``)."""
-        if self.audit is not None:
-            for summary in self.budget.pending():
-                self.audit.write_record(summary.as_dict())
+        for summary in self.budget.pending():
+            self._line(summary.as_dict())
         self.inventory.save(force=force)
 
     def close(self) -> None:
@@ -84,17 +86,33 @@ class Recorder:
         try:
             self.save(force=True)
         finally:
-            if self.audit is not None:
+            if self.writer is not None:
+                self.writer.close()
+            elif self.audit is not None:
                 self.audit.close()
+
+    @property
+    def audit_dropped(self) -> int:
+        """Audit lines lost: the log could not write them, or the writer's queue was full."""
+        return (self.audit.dropped if self.audit is not None else 0) + (self.writer.dropped if self.writer else 0)
+
+    def _line(self, item: Any) -> None:
+        if self.writer is not None:
+            self.writer.submit(item)
+        elif self.audit is not None:
+            if isinstance(item, Answer):
+                self.audit.write(item)
+            else:
+                self.audit.write_record(item)
 
     def _audit(self, answer: Answer) -> None:
         if self.audit is None:
             return
         admitted, summary = self.budget.admit(answer.caller.uid, answer.outcome.value, answer.time)
         if summary is not None:
-            self.audit.write_record(summary.as_dict())
+            self._line(summary.as_dict())
         if admitted:
-            self.audit.write(answer)
+            self._line(answer)
 
     def _count(self, answer: Answer) -> None:
         caller = answer.caller
@@ -119,7 +137,9 @@ class Recorder:
         return first
 
 
-def open_records(config: AuditConfig, uid: int, gid: int, metrics: Optional[Metrics] = None) -> Recorder:
+def open_records(
+    config: AuditConfig, uid: int, gid: int, metrics: Optional[Metrics] = None, background: bool = True
+) -> Recorder:
     """The audit log and the inventory, opened (and loaded) as root and handed to the agent's account, so that the
     agent can keep writing them after it drops privileges (under systemd LogsDirectory and StateDirectory do the
     same).
@@ -144,7 +164,9 @@ def open_records(config: AuditConfig, uid: int, gid: int, metrics: Optional[Metr
                     os.chown(path, uid, gid)
             except OSError as exc:
                 log.error("cannot hand %s to uid %d: %s", path, uid, exc.strerror)
-    return Recorder(audit, inventory, budget=AuditBudget(config.rate_per_uid, config.burst_per_uid), metrics=metrics)
+    budget = AuditBudget(config.rate_per_uid, config.burst_per_uid)
+    writer = AuditWriter(audit) if background else None
+    return Recorder(audit, inventory, budget=budget, metrics=metrics, writer=writer)
 
 
 def _prepare(directory: str, uid: int, gid: int) -> Optional[str]:
