@@ -16,6 +16,8 @@ import pytest
 from imds_agent.sandbox.agentproc import AgentProcess
 from imds_agent.sandbox.netns import Sandbox
 
+from .attack_bed import policy_sandbox
+
 pytestmark = pytest.mark.privileged
 APP, OTHER = 1000, 1001
 ROLE = "imds-agent-demo-role"
@@ -64,12 +66,7 @@ RAW_SPELLINGS = [
 
 @pytest.fixture
 def sbx() -> Iterator[Sandbox]:
-    with Sandbox() as sandbox:
-        os.makedirs(os.path.join(sandbox.workdir, "policy.d"))
-        with open(os.path.join(sandbox.workdir, "policy.d", "50-test.yaml"), "w", encoding="utf-8") as fh:
-            fh.write(POLICY)
-        with open(os.path.join(sandbox.workdir, "raw_client.py"), "w", encoding="utf-8") as fh:
-            fh.write(RAW_CLIENT)
+    with policy_sandbox(POLICY, {"raw_client.py": RAW_CLIENT}) as sandbox:
         yield sandbox
 
 

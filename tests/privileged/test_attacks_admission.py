@@ -3,7 +3,6 @@ used to turn the allowed callers away with 503."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -12,6 +11,8 @@ import pytest
 
 from imds_agent.sandbox.agentproc import AgentProcess
 from imds_agent.sandbox.netns import Sandbox
+
+from .attack_bed import policy_sandbox
 
 pytestmark = pytest.mark.privileged
 APP, OTHER = 1000, 1001
@@ -34,10 +35,7 @@ time.sleep(30)
 
 @pytest.fixture
 def sbx() -> Iterator[Sandbox]:
-    with Sandbox() as sandbox:
-        os.makedirs(os.path.join(sandbox.workdir, "policy.d"))
-        with open(os.path.join(sandbox.workdir, "policy.d", "50-test.yaml"), "w", encoding="utf-8") as fh:
-            fh.write(POLICY)
+    with policy_sandbox(POLICY) as sandbox:
         yield sandbox
 
 

@@ -4,7 +4,6 @@ what it ran before (the caller cache survived exec), and code preloaded into an 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +11,8 @@ import pytest
 
 from imds_agent.sandbox.agentproc import AgentProcess
 from imds_agent.sandbox.netns import Sandbox
+
+from .attack_bed import policy_sandbox
 
 pytestmark = pytest.mark.privileged
 APP = 1000
@@ -40,10 +41,7 @@ PERL = (
 
 @pytest.fixture
 def sbx() -> Iterator[Sandbox]:
-    with Sandbox() as sandbox:
-        os.makedirs(os.path.join(sandbox.workdir, "policy.d"))
-        with open(os.path.join(sandbox.workdir, "policy.d", "50-test.yaml"), "w", encoding="utf-8") as fh:
-            fh.write(POLICY)
+    with policy_sandbox(POLICY) as sandbox:
         yield sandbox
 
 

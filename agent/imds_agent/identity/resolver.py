@@ -18,11 +18,11 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from .caller import Caller
 from .procs import OverBudget, ProcessIndex, current_comm, holds_socket
-from .sockets import SocketLookup
+from .sockets import SocketLookup, SocketOwner
 
 log = logging.getLogger(__name__)
 
@@ -61,23 +61,20 @@ class Identifier:
         self, peer: tuple[str, int], local: tuple[str, int], original_dst: Optional[tuple[str, int]]
     ) -> Caller:
         """The Caller whose socket is ``peer`` connected to ``original_dst`` (after DNAT) or ``local`` (direct)."""
-        started = time.monotonic()
-        caller: Optional[Caller] = None
-        try:
-            caller = self._identify(peer, original_dst or local, started + self.budget)
-            return caller
-        finally:
-            self.last_cost = cost = time.monotonic() - started
-            self._account(caller, cost)
+        return self._timed(lambda deadline: self._identify(peer, original_dst or local, deadline))
 
     def identify_attested(self, peer: tuple[str, int], local: tuple[str, int], tgid: int, comm: str) -> Caller:
         """The Caller the kernel attested at connect time (the ebpf backend's record): process ``tgid``, which
         was running ``comm``. No /proc search: the record names the process. It must still hold the socket and
         still run what it ran when it connected; otherwise it is unidentified with the reason, never a guess."""
+        return self._timed(lambda deadline: self._attested(peer, local, tgid, comm, deadline))
+
+    def _timed(self, find: Callable[[float], Caller]) -> Caller:
+        """Run one identification under the budget, and account for what it cost its uid."""
         started = time.monotonic()
         caller: Optional[Caller] = None
         try:
-            caller = self._attested(peer, local, tgid, comm, started + self.budget)
+            caller = find(started + self.budget)
             return caller
         finally:
             self.last_cost = cost = time.monotonic() - started
@@ -98,10 +95,7 @@ class Identifier:
             if now != comm:
                 return Caller.unknown(f"the process that connected (pid {tgid}, {comm!r}) has exec'd since",
                                       uid=owner.uid)  # fmt: skip
-            caller = self.index.describe(tgid)
-            if caller.known and owner.uid:
-                return self._with_sharers(caller, owner.inode, owner.uid, deadline)
-            return caller
+            return self._described(tgid, owner, deadline)
         except OverBudget:
             return self._over_budget(owner.uid)
 
@@ -142,17 +136,21 @@ class Identifier:
             pid = self.index.find_pid(owner.inode, owner.uid, deadline)
             if pid is None:
                 return Caller.unknown(f"no readable process holds socket {owner.inode}", uid=owner.uid)
-            caller = self.index.describe(pid)
-            if caller.known and owner.uid:
-                # Root's sockets are not checked: root can read anything the agent could withhold.
-                return self._with_sharers(caller, owner.inode, owner.uid, deadline)
-            return caller
+            return self._described(pid, owner, deadline)
         except OverBudget:
             return self._over_budget(owner.uid)
 
+    def _described(self, pid: int, owner: SocketOwner, deadline: float) -> Caller:
+        """The Caller for ``pid``, with the other holders of the socket for a non-root owner. Root's sockets are
+        not checked: root can read anything the agent could withhold."""
+        caller = self.index.describe(pid)
+        if caller.known and owner.uid:
+            return self._with_sharers(caller, owner.inode, owner.uid, deadline)
+        return caller
+
     def _with_sharers(self, caller: Caller, inode: int, uid: int, deadline: float) -> Caller:
-        """``caller`` with the other processes of its uid that hold the same socket while running something else: one of
-        them may write the request and read the answer while another lends its identity."""
+        """``caller`` with the other processes of its uid that hold the same socket while running something else:
+        one of them may write the request and read the answer while another lends its identity."""
         if caller.pid is None:
             return caller
         sharers = []

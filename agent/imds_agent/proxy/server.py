@@ -180,16 +180,7 @@ class ProxyServer:
         else stops: the redirect must not go while clients wait for answers, or they hang until their own
         timeouts. Idle keep-alive connections are closed at once; a connection finishes the request it is
         serving and then closes. Returns how many connections were still open at the deadline."""
-        self._stop.set()
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(5)
-        for sock in self._listeners:
-            sock.close()
-        self._listeners = []
+        self._stop_accepting()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.admission.close_idle()
@@ -202,9 +193,8 @@ class ProxyServer:
         log.warning("%d connection(s) still busy after %.0f s of draining; closing them", left, timeout)
         return left
 
-    def close(self) -> None:
-        """Stop accepting, close listeners and every open client connection, wait for the accept thread."""
-        self._closer.stop()
+    def _stop_accepting(self) -> None:
+        """End the accept loop (and wait for it), then close the listening sockets."""
         self._stop.set()
         try:
             self._wake_w.send(b"x")
@@ -215,6 +205,11 @@ class ProxyServer:
         for sock in self._listeners:
             sock.close()
         self._listeners = []
+
+    def close(self) -> None:
+        """Stop accepting, close listeners and every open client connection, wait for the accept thread."""
+        self._closer.stop()
+        self._stop_accepting()
         with self._active_lock:
             for sock in list(self._active):
                 try:
