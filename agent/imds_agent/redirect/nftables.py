@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 NFPROTO_INET = 1
 NFT_TABLE_F_OWNER = 0x2
+SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES = 270, 1, 7
 PROBE_TABLE = "imds_agent_probe"
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NLMSG_ERROR, NLMSG_DONE = 2, 3
@@ -166,6 +167,19 @@ class NftablesBackend:
         self._lock = threading.Lock()
         self._reason = ""
         self._owner_support: Optional[bool] = None
+
+    def change_events(self) -> Optional[socket.socket]:
+        """A netlink socket that receives the kernel's nf_tables change notifications (NFNLGRP_NFTABLES), so a
+        flush is repaired at once instead of at the next poll; None when the subscription is refused."""
+        try:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+            sock.bind((0, 0))
+            sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+        except OSError as exc:
+            log.warning("no nftables change notifications (%s): rules are checked every reconcile_interval only",
+                        exc.strerror or exc)  # fmt: skip
+            return None
+        return sock
 
     def can_own(self) -> bool:
         """Whether the kernel honours NFT_TABLE_F_OWNER (Linux 5.12; Amazon Linux 2's and RHEL 8's kernels lack

@@ -7,14 +7,19 @@ fighting it.
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 import threading
+import time
 from typing import Optional
 
 from ..errors import AgentError
 from .base import Backend, RedirectSpec, State
 
 log = logging.getLogger(__name__)
+
+EVENT_SETTLE = 0.02
 
 
 class Reconciler:
@@ -28,7 +33,9 @@ class Reconciler:
         self.repairs = 0
         self.failures = 0
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by the kernel's change notifications: check now, not at the next poll
         self._thread: Optional[threading.Thread] = None
+        self._events: Optional[socket.socket] = None
 
     def check_once(self) -> State:
         """Check the rules once and re-apply them unless they are fully present; return the state found."""
@@ -61,10 +68,17 @@ class Reconciler:
             return
         self._thread = threading.Thread(target=self._loop, name="imds-reconcile", daemon=True)
         self._thread.start()
+        watch = getattr(self.backend, "change_events", None)
+        self._events = watch() if watch is not None else None
+        if self._events is not None:
+            threading.Thread(target=self._listen, args=(self._events,), name="imds-rule-events", daemon=True).start()
 
     def stop(self) -> None:
         """Stop the background thread and wait for it."""
         self._stop.set()
+        self._wake.set()
+        if self._events is not None:
+            self._events.close()
         if self._thread is not None:
             self._thread.join(self.interval + 5)
 
@@ -72,8 +86,26 @@ class Reconciler:
         """False once a started reconciler thread has ended without being stopped."""
         return self._thread is None or self._thread.is_alive() or self._stop.is_set()
 
+    def _listen(self, events: socket.socket) -> None:
+        """Wake the check on every change the kernel reports for the rule set (anyone's: a flush says nothing
+        about whose rules it took); polling stays the fallback for what sends no notification."""
+        while not self._stop.is_set():
+            try:
+                if not events.recv(1 << 16):
+                    return
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:  # ENOBUFS: notifications were lost, so something changed
+                    return
+            self._wake.set()
+
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._stop.is_set():
+            self._wake.wait(self.interval)
+            if self._wake.is_set():
+                time.sleep(EVENT_SETTLE)  # one flush sends a burst of notifications: check once, after them
+                self._wake.clear()
+            if self._stop.is_set():  # checked after the clear, so a stop that came meanwhile is never missed
+                return
             try:
                 self.check_once()
             except Exception:

@@ -102,3 +102,35 @@ def test_an_unexpected_error_does_not_end_the_background_checks(caplog) -> None:
     finally:
         rec.stop()
     assert rec.alive()  # stopped on purpose is not a problem
+
+
+def test_a_change_notification_wakes_the_check_and_a_stop_during_it_is_never_missed(monkeypatch) -> None:
+    import socket as socketmod
+
+    from imds_agent.redirect import reconcile
+
+    checks: list[float] = []
+    events_r, events_w = socketmod.socketpair()
+
+    class Notified:
+        def check(self, spec: Optional[RedirectSpec] = None) -> CheckResult:
+            checks.append(time.monotonic())
+            return CheckResult("nftables", State.PRESENT)
+
+        def change_events(self) -> socketmod.socket:
+            return events_r
+
+    monkeypatch.setattr(reconcile, "EVENT_SETTLE", 0.2)
+    rec = Reconciler(Notified(), SPEC, owned=False, interval=3)  # type: ignore[arg-type]
+    rec.start()
+    events_w.send(b"a rule set change")
+    deadline = time.monotonic() + 2
+    while not checks and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert checks, "the notification did not wake a check (the poll is 3 s away)"
+    events_w.send(b"another change")  # the loop is now in its settle pause: a stop lands in it
+    time.sleep(0.05)
+    started = time.monotonic()
+    rec.stop()
+    assert time.monotonic() - started < 1.0  # the stop used to be swallowed and wait out the next poll
+    events_w.close()
