@@ -117,6 +117,13 @@ def memory(pid: int) -> str:
     return f"RSS {rss:.1f} MiB (peak {peak:.1f} MiB), {fields['Threads'].strip()} threads"
 
 
+def cpu_seconds(pid: int) -> float:
+    """The agent's CPU time so far (user + system), from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], p: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(len(values) * p))] * 1000
@@ -130,21 +137,27 @@ def main() -> None:
         direct_headers = {"X-aws-ec2-metadata-token": token(emu_port)}
         started = memory(agent_pid)
         head = f"{'mode':<28}{'conc':>5}{'direct p50':>12}{'p99':>8}"
-        print(f"{head}{'agent p50':>11}{'p99':>8}{'added p50':>11}{'p99':>8}")
+        print(f"{head}{'agent p50':>11}{'p99':>8}{'added p50':>11}{'p99':>8}{'agent rps':>11}{'CPU/req':>10}")
         for keepalive in (True, False):
             for workers in (1, 16):
                 # Warm both paths (pool, token, thread start-up) before measuring.
                 concurrent(emu_port, direct_headers, 200, keepalive, 1)
                 concurrent(agent_port, {}, 200, keepalive, 1)
                 direct = concurrent(emu_port, direct_headers, args.requests, keepalive, workers)
+                cpu, wall = cpu_seconds(agent_pid), time.monotonic()
                 agent = concurrent(agent_port, {}, args.requests, keepalive, workers)
+                cpu, wall = cpu_seconds(agent_pid) - cpu, time.monotonic() - wall
+                rps, per_request = args.requests / wall, cpu / args.requests * 1e6
                 d50, d99, a50, a99 = pct(direct, 0.5), pct(direct, 0.99), pct(agent, 0.5), pct(agent, 0.99)
                 label = "keep-alive" if keepalive else "new connection per request"
                 print(
                     f"{label:<28}{workers:>5}{d50:>10.3f}ms{d99:>6.2f}ms{a50:>9.3f}ms{a99:>6.2f}ms"
-                    f"{a50 - d50:>9.3f}ms{a99 - d99:>6.2f}ms"
+                    f"{a50 - d50:>9.3f}ms{a99 - d99:>6.2f}ms{rps:>11.0f}{per_request:>8.0f}us"
                 )
-        print(f"({args.requests} requests per row; added = agent - direct at the same percentile)")
+        print(
+            f"({args.requests} requests per row; added = agent - direct at the same percentile; CPU/req = the "
+            "agent's user+system CPU over the row, per request)"
+        )
         print(f"agent memory: at start {started}; after the runs {memory(agent_pid)}")
 
 
