@@ -58,10 +58,15 @@ class Identifier:
         self._lock = threading.Lock()
 
     def identify(
-        self, peer: tuple[str, int], local: tuple[str, int], original_dst: Optional[tuple[str, int]]
+        self,
+        peer: tuple[str, int],
+        local: tuple[str, int],
+        original_dst: Optional[tuple[str, int]],
+        owner: Optional[SocketOwner] = None,
     ) -> Caller:
-        """The Caller whose socket is ``peer`` connected to ``original_dst`` (after DNAT) or ``local`` (direct)."""
-        return self._timed(lambda deadline: self._identify(peer, original_dst or local, deadline))
+        """The Caller whose socket is ``peer`` connected to ``original_dst`` (after DNAT) or ``local`` (direct);
+        ``owner`` is the socket's sock_diag answer when the caller already has it (admission asked at accept)."""
+        return self._timed(lambda deadline: self._identify(peer, original_dst or local, deadline, owner))
 
     def identify_attested(self, peer: tuple[str, int], local: tuple[str, int], tgid: int, comm: str) -> Caller:
         """The Caller the kernel attested at connect time (the ebpf backend's record): process ``tgid``, which
@@ -120,9 +125,11 @@ class Identifier:
     def _over_budget(self, uid: Optional[int]) -> Caller:
         return Caller.unknown(f"{OVER_BUDGET} of {self.budget * 1000:.0f} ms", uid=uid)
 
-    def _identify(self, peer: tuple[str, int], dialled: tuple[str, int], deadline: float) -> Caller:
+    def _identify(
+        self, peer: tuple[str, int], dialled: tuple[str, int], deadline: float, owner: Optional[SocketOwner]
+    ) -> Caller:
         try:
-            owner = self.lookup.owner(peer, dialled)
+            owner = owner or self.lookup.owner(peer, dialled)
         except OSError as exc:
             log.warning("socket lookup failed: %s", exc)
             return Caller.unknown(f"socket lookup failed: {exc.strerror or exc}")

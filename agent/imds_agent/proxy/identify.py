@@ -14,11 +14,13 @@ from typing import Callable, Optional, Protocol
 
 from ..identity.caller import Caller
 from ..identity.resolver import Identifier
+from ..identity.sockets import SocketOwner
 from .origdst import original_dst
 from .server import Connection
 from .types import Address, Client
 
 log = logging.getLogger(__name__)
+SEEN_MAX = 4096
 
 
 class Attested(Protocol):
@@ -46,14 +48,18 @@ class ConnectionIdentifier:
         self._dst = dst
         self._clock = clock
         self.attest = attest
+        # What admission learnt at accept (the original destination, the socket's owner), handed to the
+        # identification of the same connection so that neither is asked of the kernel twice.
+        self._seen: dict[tuple[Address, Address], tuple[Optional[Address], Optional[SocketOwner]]] = {}
 
     def __call__(self, conn: Connection) -> Client:
         if self.attest is not None:
             return self._attested(conn, self.attest)
-        dst = self._dst(conn)
+        seen = self._seen.pop((conn.peer, conn.local), None)
+        dst, owner = seen if seen is not None else (self._dst(conn), None)
         started = time.monotonic()
         try:
-            caller = self.identifier.identify(conn.peer, conn.local, dst)
+            caller = self.identifier.identify(conn.peer, conn.local, dst, owner)
         except Exception as exc:
             # A bug or an unexpected /proc state must not make a caller anyone in particular.
             log.exception("identifying the client of a connection failed")
@@ -78,10 +84,14 @@ class ConnectionIdentifier:
 
     def peer_uid(self, conn: Connection) -> Optional[int]:
         """The uid of the peer's socket (one sock_diag query, for admission at accept); None if not found."""
+        dst = self._dst(conn)
         try:
-            owner = self.identifier.lookup.owner(conn.peer, self._dst(conn) or conn.local)
+            owner = self.identifier.lookup.owner(conn.peer, dst or conn.local)
         except OSError:
             return None
+        if len(self._seen) >= SEEN_MAX:
+            self._seen.clear()  # entries of connections refused at admission, never identified
+        self._seen[(conn.peer, conn.local)] = (dst, owner)
         return owner.uid if owner is not None else None
 
     def close(self) -> None:

@@ -18,10 +18,12 @@ class FakeIdentifier:
     def __init__(self, result: Optional[Caller] = None) -> None:
         self.result = result
         self.asked: list[tuple[object, ...]] = []
+        self.owners: list[object] = []
         self.closed = False
 
-    def identify(self, peer: object, local: object, dst: object) -> Caller:
+    def identify(self, peer: object, local: object, dst: object, owner: object = None) -> Caller:
         self.asked.append((peer, local, dst))
+        self.owners.append(owner)
         if self.result is None:
             raise RuntimeError("a bug")
         return self.result
@@ -50,3 +52,32 @@ def test_a_failing_lookup_is_an_unidentified_caller(caplog: pytest.LogCaptureFix
     client = hook(CONN)
     assert not client.caller.known and "RuntimeError" in client.caller.reason
     assert "identifying the client of a connection failed" in caplog.text
+
+
+def test_what_admission_learnt_at_accept_is_not_asked_of_the_kernel_again() -> None:
+    class Owner:
+        uid, inode = 1000, 555
+
+    class Lookup:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def owner(self, peer: object, dialled: object) -> Owner:
+            self.calls += 1
+            return Owner()
+
+    ident = FakeIdentifier(CURL)
+    ident.lookup = Lookup()  # type: ignore[attr-defined]
+    dsts: list[object] = []
+
+    def dst(conn: Connection) -> tuple[str, int]:
+        dsts.append(conn)
+        return ("169.254.169.254", 80)
+
+    hook = ConnectionIdentifier(ident, dst=dst)  # type: ignore[arg-type]
+    assert hook.peer_uid(CONN) == 1000
+    client = hook(CONN)
+    assert client.original_dst == ("169.254.169.254", 80) and isinstance(ident.owners[-1], Owner)
+    assert ident.lookup.calls == 1 and len(dsts) == 1  # type: ignore[attr-defined]
+    hook(CONN)  # a second connection from the same address pair, not seen at admission: asked afresh
+    assert len(dsts) == 2 and ident.owners[-1] is None
