@@ -197,6 +197,19 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    """The cache of metadata answers for IMDSv1 requests (imds/cache.py)."""
+
+    enabled: bool = True
+    static_ttl: float = 300.0  # seconds for answers that do not change while the instance runs
+    credentials_ttl: float = 10.0  # at most, for role credentials (and never past Expiration minus 5 minutes)
+
+    def __post_init__(self) -> None:
+        _check(0 < self.static_ttl <= 86400, "static_ttl", "must be 0..86400 seconds (use enabled: false to stop)")
+        _check(0 <= self.credentials_ttl <= 300, "credentials_ttl", "must be 0..300 seconds (0: never cached)")
+
+
+@dataclass(frozen=True)
 class IdentityConfig:
     """How the agent finds who is calling."""
 
@@ -240,6 +253,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     control_socket: str = "/run/imds-agent/control.sock"  # status/report/rules show ask the running agent here
     source: Optional[str] = None
@@ -332,7 +346,8 @@ def from_document(doc: yamlsrc.Document) -> Config:
 
 
 # Parts a reload cannot change in a running agent (sockets, rules, files, threads were made from them).
-RESTART_ONLY = ("listen", "upstream", "redirect", "user", "audit", "token", "identity", "metrics", "control_socket")
+RESTART_ONLY = ("listen", "upstream", "redirect", "user", "audit", "token", "identity", "cache", "metrics",
+                "control_socket")  # fmt: skip
 
 
 def reread(running: Config) -> Config:

@@ -23,6 +23,7 @@ from .config import Config
 from .control import ControlServer
 from .errors import AgentError
 from .identity.resolver import Identifier
+from .imds.cache import ResponseCache
 from .imds.token import TokenCache, fetch_from
 from .imds.upstream import Upstream
 from .policy.loader import load_policy
@@ -46,7 +47,9 @@ class Agent:
         self.gate = AccessGate(mode_override or config.mode, policy)
         self.upstream = Upstream(config.upstream)
         self.tokens = TokenCache(fetch_from(self.upstream), config.token.ttl, config.token.refresh_margin)
-        self.forwarder = Forwarder(self.upstream, self.tokens, self.gate)
+        cache = config.cache
+        self.forwarder = Forwarder(self.upstream, self.tokens, self.gate, cache=ResponseCache(
+            cache.static_ttl, cache.credentials_ttl) if cache.enabled else None)  # fmt: skip
         self.identify = ConnectionIdentifier(Identifier(budget=config.identity.budget))
         self.metrics = metrics.service(config.metrics, lambda: introspect.metrics_state(self), self.account.gid)
         self.control = ControlServer(config.control_socket, lambda c: introspect.control_answer(self, c),

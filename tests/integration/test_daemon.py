@@ -225,3 +225,37 @@ def test_status_and_report_ask_the_running_agent(config: Config, tmp_path: Path,
         emu.stop()
     assert cli.main(["status", "--config", str(source)]) == 3
     assert "no running agent answered" in capsys.readouterr().err
+
+
+def test_the_cache_answers_repeated_v1_requests_behind_the_policy(config: Config) -> None:
+    from imds_agent.policy.model import Policy
+
+    emu = Emulator(tokens="required", addresses=[("127.0.0.1", 0)])
+    emu.start()
+    upstream = UpstreamConfig(ipv4="127.0.0.1", port=emu.addresses[0][1])
+    agent = Agent(dataclasses.replace(config, mode="enforce", upstream=upstream))
+    agent.start()
+
+    def get(path: str, headers: dict[str, str] | None = None) -> int:
+        conn = http.client.HTTPConnection(*agent.server.addresses[0], timeout=5)
+        conn.request("GET", path, headers=headers or {})
+        status = conn.getresponse().status
+        conn.close()
+        return status
+
+    try:
+        emu.reset()
+        assert [get("/latest/meta-data/instance-id") for _ in range(5)] == [200] * 5
+        assert emu.counters()["requests"] == 1  # one GET upstream (and the token PUT): four from the cache
+        agent.gate.replace("enforce", Policy(default="deny"))
+        assert get("/latest/meta-data/instance-id") == 403  # the policy comes before the cache
+        agent.gate.replace("enforce", Policy(default="allow"))
+        token = emu.issue(60)
+        before = emu.counters()["requests"]
+        assert get("/latest/meta-data/instance-id", {"X-aws-ec2-metadata-token": token}) == 200
+        assert emu.counters()["requests"] == before + 1  # a client's own token is the upstream's to judge
+    finally:
+        agent.stop()
+        emu.stop()
+    lines = [json.loads(x) for x in Path(config.audit.log).read_text().splitlines()]
+    assert [x["cached"] for x in lines if x["status"] == 200] == [False, True, True, True, True, False]

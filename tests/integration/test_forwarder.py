@@ -22,6 +22,7 @@ import pytest
 
 from imds_agent.config import (
     AuditConfig,
+    CacheConfig,
     Config,
     ListenConfig,
     PolicyConfig,
@@ -51,6 +52,8 @@ def scratch() -> dict[str, Any]:
     return {
         "audit": AuditConfig(log=f"{work}/audit.jsonl", state_dir=f"{work}/state"),
         "policy": PolicyConfig(dir=f"{work}/policy.d"),
+        # These tests are about what reaches the metadata service: the cache would answer for it.
+        "cache": CacheConfig(enabled=False),
     }
 
 

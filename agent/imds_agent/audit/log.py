@@ -62,6 +62,7 @@ def audit_line(answer: Answer) -> dict[str, Any]:
         "reason": answer.reason,
         "status": answer.status,
         "injected": answer.injected,
+        "cached": answer.cached,
         "relayed": answer.relayed,
         "sent": answer.sent,
         "latency_ms": round(answer.latency * 1000, 3),

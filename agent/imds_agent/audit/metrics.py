@@ -68,6 +68,8 @@ class Metrics:
                                        "token", registry=r)  # fmt: skip
         self.upstream_errors = prom.Counter("imds_agent_upstream_errors", "Upstream failures answered 502/504, by "
                                             "kind", ["kind"], registry=r)  # fmt: skip
+        self.cache_hits = prom.Counter("imds_agent_cache_hits", "Requests answered from the agent's cache of "
+                                       "metadata answers", registry=r)  # fmt: skip
         self.unidentified = prom.Counter("imds_agent_unidentified_callers", "Requests from callers that could not "
                                          "be identified", registry=r)  # fmt: skip
         self.latency = prom.Histogram("imds_agent_request_duration_seconds", "Time from a request's head to its "
@@ -82,6 +84,8 @@ class Metrics:
         self.requests.labels(answer.kind.value, answer.outcome.value, cls).inc()
         if answer.injected:
             self.injections.inc()
+        if answer.cached:
+            self.cache_hits.inc()
         if answer.cause is not None and answer.outcome is not Outcome.REFUSED:
             self.upstream_errors.labels("timeout" if answer.status == 504 else "unreachable").inc()
         if not answer.caller.known:

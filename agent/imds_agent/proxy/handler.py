@@ -18,6 +18,7 @@ from typing import Callable, Optional, Protocol
 from urllib.parse import urlsplit
 
 from ..errors import UpstreamError
+from ..imds.cache import ResponseCache
 from ..imds.protocol import TOKEN_HEADER, TOKEN_PATH
 from ..imds.token import TokenCache
 from ..imds.upstream import Headers, Upstream, UpstreamResponse
@@ -117,11 +118,13 @@ def classify(target: str) -> MetadataPath:
 class Forwarder:
     """Turns client requests into upstream requests and Answers; thread-safe, shared by every connection."""
 
-    def __init__(self, upstream: Upstream, tokens: TokenCache, gate: Gate, clock: Callable[[], float] = time.time):
+    def __init__(self, upstream: Upstream, tokens: TokenCache, gate: Gate, clock: Callable[[], float] = time.time,
+                 cache: Optional[ResponseCache] = None):  # fmt: skip
         self.upstream = upstream
         self.tokens = tokens
         self.gate = gate
         self.clock = clock
+        self.cache = cache
 
     def refusal(self, client: Client, error: HttpError, kind: Kind = Kind.INVALID, req: Optional[Request] = None,
                 latency: float = 0.0) -> Answer:  # fmt: skip
@@ -149,14 +152,14 @@ class Forwarder:
         verdict = self.gate.judge(client, req, path, kind)
         # Upstream gets exactly the path the policy judged, rebuilt from its classified parts.
         target = path.canonical_target()
-        injected = retried = False
+        injected = retried = cached = False
         cause: Optional[str] = None
         if not verdict.forwards:
             status = 403
             data = error_response(403, verdict.message, head_only=head_only, close=close)
         else:
             try:
-                resp, injected, retried = self._forward(req, target, kind, verdict)
+                resp, injected, retried, cached = self._forward(req, target, kind, verdict)
                 length = _content_length(resp) if head_only else None
                 data = render_response(resp.status, resp.reason, strip_hop_by_hop(resp.headers), resp.body,
                                        head_only=head_only, close=close, content_length=length)  # fmt: skip
@@ -167,26 +170,42 @@ class Forwarder:
         answer = Answer(
             self.clock(), verdict.mode, client, req.method, req.target, kind, status, verdict.outcome,
             verdict.decided_by, verdict.reason, verdict.path, injected, verdict.relayed, retried, cause,
-            time.perf_counter() - started, req.get("User-Agent"),
+            time.perf_counter() - started, req.get("User-Agent"), cached=cached,
         )  # fmt: skip
         return Reply(data, close, answer)
 
-    def _forward(self, req: Request, target: str, kind: Kind, verdict: Verdict) -> tuple[UpstreamResponse, bool, bool]:
-        """Send upstream as the Verdict says; return the response, whether a token was injected, and whether the
-        request was retried with a fresh one."""
+    def _forward(self, req: Request, target: str, kind: Kind, verdict: Verdict) -> tuple[
+            UpstreamResponse, bool, bool, bool]:  # fmt: skip
+        """Send upstream as the Verdict says; return the response, whether a token was injected, whether the
+        request was retried with a fresh one, and whether the answer came from the cache."""
         headers = strip_hop_by_hop(req.headers)
         if kind is not Kind.V1 or not verdict.inject:
             # The client's own token or token request, a relayed request, or a caller that must speak IMDSv2
             # itself: the metadata service answers it as sent.
-            return self.upstream.request(req.method, target, headers), False, False
+            return self.upstream.request(req.method, target, headers), False, False, False
+        path = verdict.path
+        if self.cache is not None and req.method == "GET" and path is not None and self.cache.cacheable(path):
+            retried = [False]
+
+            def forward() -> UpstreamResponse:
+                resp, _, retried[0] = self._inject(req.method, target, headers)
+                return resp
+
+            resp, hit = self.cache.fetch(target, path, forward)
+            return resp, True, retried[0], hit
+        resp, injected, again = self._inject(req.method, target, headers)
+        return resp, injected, again, False
+
+    def _inject(self, method: str, target: str, headers: Headers) -> tuple[UpstreamResponse, bool, bool]:
+        """A tokenless request sent with the agent's token: (response, injected, retried with a fresh token)."""
         token = self.tokens.get()
-        resp = self.upstream.request(req.method, target, headers + [(TOKEN_HEADER, token)])
+        resp = self.upstream.request(method, target, headers + [(TOKEN_HEADER, token)])
         if resp.status != 401:
             return resp, True, False
         # The token was revoked or expired early: one refresh, one retry, never a loop.
         self.tokens.invalidate(token)
         token = self.tokens.get()
-        return self.upstream.request(req.method, target, headers + [(TOKEN_HEADER, token)]), True, True
+        return self.upstream.request(method, target, headers + [(TOKEN_HEADER, token)]), True, True
 
 
 def _refuse_body(req: Request) -> None:

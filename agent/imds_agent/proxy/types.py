@@ -109,6 +109,7 @@ class Answer:
     latency: float = 0.0
     user_agent: Optional[str] = None
     sent: bool = True
+    cached: bool = False  # answered from the agent's cache of metadata answers (imds/cache.py)
 
     @property
     def caller(self) -> Caller:
