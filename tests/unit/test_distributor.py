@@ -78,9 +78,9 @@ def test_each_zip_holds_the_scripts_and_its_package(tmp_path: Path, packages: di
 def test_the_scripts_handle_both_package_kinds() -> None:
     scripts = BUILD.parent
     install, update = (scripts / "install.sh").read_text(), (scripts / "update.sh").read_text()
-    for text in (install, update):
-        assert "*.deb" in text and "*.rpm" in text and 'cd "$(dirname "$0")"' in text
-    assert "rpm -U" in update and "dpkg -i" in update  # in place: an upgrade, never remove then install
+    assert "*.deb" in install and "*.rpm" in install and 'cd "$(dirname "$0")"' in install
+    assert "rpm -U" in install and "dpkg -i" in install  # in place: an upgrade, never remove then install
+    assert 'exec /bin/sh "$(dirname "$0")/install.sh"' in update and "rpm -e" not in update
     uninstall = (scripts / "uninstall.sh").read_text()
     assert uninstall.index("rules remove") < uninstall.index("dpkg -r") and "rpm -e" in uninstall
 

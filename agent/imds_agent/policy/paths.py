@@ -55,13 +55,12 @@ class MetadataPath:
     query: Optional[str] = field(default=None, repr=False)
     directory: bool = False
 
-    def canonical_target(self, raw: Optional[str] = None) -> str:
+    def canonical_target(self) -> str:
         """The request target to send upstream: the normalized path, the trailing slash and the validated query.
 
-        Built from what normalize() judged, never from the raw spelling (``raw`` is accepted for callers that
-        pass the target they normalized, and ignored), so the policy and the metadata service cannot read one
-        request two ways, and strict servers are spared odd spellings ('//latest/...', as the AWS SDK for
-        JavaScript sends)."""
+        Built from what normalize() judged, never from the raw spelling, so the policy and the metadata service
+        cannot read one request two ways, and strict servers are spared odd spellings ('//latest/...', as the AWS
+        SDK for JavaScript sends)."""
         parts = [p for p in (self.version, self.path) if p]
         target = "/" + "/".join(parts)
         if self.directory and parts:

@@ -94,12 +94,12 @@ class AccessGate:
         if relayed and decision.allow:
             decision = Decision(False, SSRF_GUARD, "a tokenless request relayed by a proxy", path=decision.path)
         if decision.allow:
-            return Verdict(Outcome.ALLOW, mode, decision.inject, decision.decided_by, decision.reason, decision.path)
+            return Verdict(Outcome.ALLOW, mode, decision.inject, decision.decided_by, decision.reason, path)
         outcome = Outcome.DENY if mode == "enforce" else Outcome.WOULD_DENY
         # A would-deny request is forwarded as the caller sent it, with the token only where the policy's own
         # rule would have injected one, and never when it was relayed.
         inject = decision.inject and not relayed
-        return Verdict(outcome, mode, inject, decision.decided_by, decision.reason, decision.path, relayed,
+        return Verdict(outcome, mode, inject, decision.decided_by, decision.reason, path, relayed,
                        deny_message(caller, path.display, decision))  # fmt: skip
 
     def _decide(self, policy: Policy, caller: Caller, method: str, path: MetadataPath) -> Decision:

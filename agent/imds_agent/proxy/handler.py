@@ -184,7 +184,7 @@ class Forwarder:
             # itself: the metadata service answers it as sent.
             return self.upstream.request(req.method, target, headers), False, False, False
         path = verdict.path
-        if self.cache is not None and req.method == "GET" and path is not None and self.cache.cacheable(path):
+        if self.cache is not None and req.method == "GET" and self.cache.cacheable(path):
             retried = [False]
 
             def forward() -> UpstreamResponse:

@@ -72,7 +72,7 @@ class Verdict:
     inject: bool
     decided_by: str
     reason: str
-    path: Optional[MetadataPath]
+    path: MetadataPath  # the classified path the request asked for (what cannot be classified never gets here)
     relayed: bool = False
     message: str = ""
 

@@ -146,7 +146,7 @@ def check(target: str) -> None:
         judged = normalize(target)
     except PathError:
         return  # a refusal is always safe; anything but PathError fails the test
-    sent = judged.canonical_target(target)
+    sent = judged.canonical_target()
     model = model_read(target)
     assert model is not None, f"accepted {target!r}, which a strict server cannot read"
     assert sent == model.target, f"{target!r}: forwards {sent!r}, the model reads {model.target!r}"

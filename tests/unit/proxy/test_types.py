@@ -20,7 +20,7 @@ def test_only_a_denial_stops_a_request_from_being_forwarded() -> None:
     for outcome in Outcome:
         if outcome is Outcome.REFUSED:
             continue
-        verdict = Verdict(outcome, "audit", True, "x", "y", None)
+        verdict = Verdict(outcome, "audit", True, "x", "y", normalize("/latest/meta-data/"))
         assert verdict.forwards is (outcome is not Outcome.DENY)
 
 
