@@ -87,7 +87,7 @@ class Agent:
             self._cleanup.append(("undo the redirect", self.interception.shutdown))
             self.interception.install()
             # A backend that attests callers at connect time (ebpf) names the process; no /proc search then.
-            self.identify.attest = getattr(self.interception.backend, "attest", None)
+            self.identify.attest = getattr(self.interception.backend, "record", None)
         # Undone first: the requests in flight finish before the redirect goes.
         self._cleanup.append(("drain the listener", self.server.drain))
         backend = self.interception.backend if self.interception is not None else None

@@ -68,11 +68,13 @@ class Identifier:
         ``owner`` is the socket's sock_diag answer when the caller already has it (admission asked at accept)."""
         return self._timed(lambda deadline: self._identify(peer, original_dst or local, deadline, owner))
 
-    def identify_attested(self, peer: tuple[str, int], local: tuple[str, int], tgid: int, comm: str) -> Caller:
+    def identify_attested(
+        self, peer: tuple[str, int], local: tuple[str, int], tgid: int, comm: str, owner: Optional[SocketOwner] = None
+    ) -> Caller:
         """The Caller the kernel attested at connect time (the ebpf backend's record): process ``tgid``, which
         was running ``comm``. No /proc search: the record names the process. It must still hold the socket and
         still run what it ran when it connected; otherwise it is unidentified with the reason, never a guess."""
-        return self._timed(lambda deadline: self._attested(peer, local, tgid, comm, deadline))
+        return self._timed(lambda deadline: self._attested(peer, local, tgid, comm, deadline, owner))
 
     def _timed(self, find: Callable[[float], Caller]) -> Caller:
         """Run one identification under the budget, and account for what it cost its uid."""
@@ -85,9 +87,17 @@ class Identifier:
             self.last_cost = cost = time.monotonic() - started
             self._account(caller, cost)
 
-    def _attested(self, peer: tuple[str, int], local: tuple[str, int], tgid: int, comm: str, deadline: float) -> Caller:
+    def _attested(
+        self,
+        peer: tuple[str, int],
+        local: tuple[str, int],
+        tgid: int,
+        comm: str,
+        deadline: float,
+        owner: Optional[SocketOwner],
+    ) -> Caller:
         try:
-            owner = self.lookup.owner(peer, local)
+            owner = owner or self.lookup.owner(peer, local)
         except OSError as exc:
             return Caller.unknown(f"socket lookup failed: {exc.strerror or exc}")
         if owner is None or owner.inode == 0:

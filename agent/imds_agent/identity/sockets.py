@@ -32,6 +32,8 @@ _REQUEST_SIZE = _HEAD.size + _SOCKID.size + _TAIL.size
 _HEADER = struct.Struct("=IHHII")
 _UID_INODE = struct.Struct("=II")
 _UID_OFFSET = 16 + 4 + 48 + 12  # nlmsghdr, family/state/timer/retrans, sockid, expires/rqueue/wqueue
+_COOKIE = struct.Struct("=II")
+_COOKIE_OFFSET = 16 + 4 + 40  # nlmsghdr, family/state/timer/retrans, sockid up to idiag_cookie
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class SocketOwner:
 
     uid: int
     inode: int
+    cookie: int = 0  # the kernel's socket cookie (the ebpf backend's connect records are keyed by it)
 
 
 def _words(address: str) -> tuple[int, ...]:
@@ -75,7 +78,8 @@ def decode_reply(data: bytes) -> Optional[SocketOwner]:
             return None
         raise OSError(code, f"sock_diag lookup failed: {os.strerror(code)}")
     uid, inode = _UID_INODE.unpack_from(data, _UID_OFFSET)
-    return SocketOwner(uid=uid, inode=inode)
+    low, high = _COOKIE.unpack_from(data, _COOKIE_OFFSET)
+    return SocketOwner(uid=uid, inode=inode, cookie=low | high << 32)
 
 
 class SocketLookup:

@@ -8,7 +8,6 @@ with that reason; it never raises into the server.
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from typing import Callable, Optional, Protocol
 
@@ -31,7 +30,7 @@ class Attested(Protocol):
     original_dst: tuple[str, int]
 
 
-Attest = Callable[[socket.socket], Optional[Attested]]
+Attest = Callable[[int], Optional[Attested]]  # socket cookie -> the record made at connect, if any
 
 
 class ConnectionIdentifier:
@@ -53,9 +52,9 @@ class ConnectionIdentifier:
         self._seen: dict[tuple[Address, Address], tuple[Optional[Address], Optional[SocketOwner]]] = {}
 
     def __call__(self, conn: Connection) -> Client:
-        if self.attest is not None:
-            return self._attested(conn, self.attest)
         seen = self._seen.pop((conn.peer, conn.local), None)
+        if self.attest is not None:
+            return self._attested(conn, self.attest, seen[1] if seen is not None else None)
         dst, owner = seen if seen is not None else (self._dst(conn), None)
         started = time.monotonic()
         try:
@@ -66,17 +65,21 @@ class ConnectionIdentifier:
             caller = Caller.unknown(f"identification failed: {type(exc).__name__}")
         return Client(conn.peer, conn.local, dst, caller, self._clock(), time.monotonic() - started)
 
-    def _attested(self, conn: Connection, attest: Attest) -> Client:
-        """With a backend that attests callers at connect time (ebpf): the record names the process."""
+    def _attested(self, conn: Connection, attest: Attest, owner: Optional[SocketOwner]) -> Client:
+        """With a backend that attests callers at connect time (ebpf): the record, found by the peer socket's
+        cookie, names the process. The sock_diag answer admission got at accept serves for both."""
         started = time.monotonic()
+        dst: Optional[Address] = None
         try:
-            record = attest(conn.sock)
-            if record is None:
+            owner = owner or self.identifier.lookup.owner(conn.peer, conn.local)
+            record = attest(owner.cookie) if owner is not None else None
+            if owner is None or owner.inode == 0:
+                caller = Caller.unknown("the client closed its socket before it could be identified")
+            elif record is None:
                 caller = Caller.unknown("no connect record for this socket (connected before the hooks, or evicted)")
-                dst = None
             else:
                 dst = record.original_dst
-                caller = self.identifier.identify_attested(conn.peer, conn.local, record.tgid, record.comm)
+                caller = self.identifier.identify_attested(conn.peer, conn.local, record.tgid, record.comm, owner)
         except Exception as exc:
             log.exception("identifying the client of a connection failed")
             caller, dst = Caller.unknown(f"identification failed: {type(exc).__name__}"), None

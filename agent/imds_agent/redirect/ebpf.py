@@ -6,7 +6,7 @@ IPv4-mapped [::ffff:169.254.169.254]:80, made in the agent's network namespace b
 rewritten to the listener (127.0.0.1, [::1] or [::ffff:127.0.0.1] on the listen port). At that moment the program
 records the caller, {tgid, tid, uid, gid, cgroup id, comm, original destination}, in an LRU hash map keyed by the
 socket cookie; the agent reads the record back with the cookie of the accepted connection's peer socket
-(``peer_cookie``), so the caller is the task that called connect(), not a guess from /proc afterwards.
+(``SocketOwner.cookie``), so the caller is the task that called connect(), not a guess from /proc afterwards.
 
 What differs from the netfilter backends: no conntrack, so SO_ORIGINAL_DST has nothing to say (the record holds
 the original destination); the hook covers processes in the cgroup (the v2 root by default: every process), so
@@ -202,39 +202,17 @@ class _Hook:
 
 
 # --- the caller of an accepted connection -----------------------------------------------------------------------
-_HEAD = struct.Struct("=IHHIIBBBxI")
-_SOCKID = struct.Struct(">HH4I4I")
-_TAIL = struct.Struct("=IQ")
-_COOKIE_OFFSET = 16 + 4 + 40  # nlmsghdr, family/state/timer/retrans, sockid up to idiag_cookie
-SOCK_DIAG_BY_FAMILY, NETLINK_SOCK_DIAG, NLMSG_ERROR = 20, 4, 2
-
-
-def _words(host: str) -> tuple[int, ...]:
-    if ":" in host:
-        return struct.unpack(">4I", socket.inet_pton(socket.AF_INET6, host))
-    return struct.unpack(">I", socket.inet_aton(host)) + (0, 0, 0)
-
-
 def peer_cookie(conn: socket.socket) -> Optional[int]:
-    """The socket cookie of the client end of an accepted loopback connection, from one exact sock_diag lookup
-    (the key of its ConnectRecord); None when the client's socket is gone."""
-    peer, local = conn.getpeername()[:2], conn.getsockname()[:2]
-    family = socket.AF_INET6 if ":" in peer[0] else socket.AF_INET
-    size = _HEAD.size + _SOCKID.size + _TAIL.size
-    request = (_HEAD.pack(size, SOCK_DIAG_BY_FAMILY, 1, 1, 0, family, socket.IPPROTO_TCP, 0, 0xFFFFFFFF)
-               + _SOCKID.pack(peer[1], local[1], *_words(peer[0]), *_words(local[0]))
-               + _TAIL.pack(0, 0xFFFFFFFFFFFFFFFF))  # fmt: skip
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as nl:
-        nl.settimeout(1.0)
-        nl.send(request)
-        reply = nl.recv(8192)
-    if struct.unpack_from("=H", reply, 4)[0] == NLMSG_ERROR:
-        code = -struct.unpack_from("=i", reply, 16)[0]
-        if code in (0, 2):
-            return None
-        raise OSError(code, f"sock_diag lookup failed: {os.strerror(code)}")
-    low, high = struct.unpack_from("=II", reply, _COOKIE_OFFSET)
-    return int(low) | int(high) << 32
+    """The socket cookie of the client end of an accepted loopback connection (the key of its ConnectRecord),
+    from the identity module's exact sock_diag lookup; None when the client's socket is gone."""
+    from ..identity.sockets import SocketLookup
+
+    lookup = SocketLookup()
+    try:
+        owner = lookup.owner(conn.getpeername()[:2], conn.getsockname()[:2])
+    finally:
+        lookup.close()
+    return owner.cookie if owner is not None else None
 
 
 # --- the backend ------------------------------------------------------------------------------------------------
@@ -377,11 +355,6 @@ class EbpfBackend:
             return None
         raw = bpfsys.lookup(self._map_fd, struct.pack("=Q", cookie), RECORD.size)
         return ConnectRecord.decode(raw) if raw is not None else None
-
-    def attest(self, conn: socket.socket) -> Optional[ConnectRecord]:
-        """The connect-time record of the process behind an accepted connection (None: none, or evicted)."""
-        cookie = peer_cookie(conn)
-        return self.record(cookie) if cookie is not None else None
 
     def close(self) -> None:
         """Detach everything and drop the map."""

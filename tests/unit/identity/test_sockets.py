@@ -32,14 +32,15 @@ def test_request_matches_pyroute2_encoding(src: tuple[str, int], dst: tuple[str,
     assert len(ours) == 72
 
 
-def test_reply_gives_uid_and_inode() -> None:
+def test_reply_gives_uid_inode_and_cookie() -> None:
     msg = inet_diag_msg()
     msg["header"]["type"] = SOCK_DIAG_BY_FAMILY
     msg["idiag_family"] = 2
     msg["idiag_src"], msg["idiag_dst"] = (0x0A000005, 0, 0, 0), (0xA9FEA9FE, 0, 0, 0)
     msg["idiag_uid"], msg["idiag_inode"] = 1234, 987654
+    msg["idiag_cookie"] = 0x1122334455667788
     msg.encode()
-    assert decode_reply(bytes(msg.data)) == SocketOwner(uid=1234, inode=987654)
+    assert decode_reply(bytes(msg.data)) == SocketOwner(uid=1234, inode=987654, cookie=0x1122334455667788)
 
 
 def _error(code: int) -> bytes:

@@ -81,3 +81,39 @@ def test_what_admission_learnt_at_accept_is_not_asked_of_the_kernel_again() -> N
     assert ident.lookup.calls == 1 and len(dsts) == 1  # type: ignore[attr-defined]
     hook(CONN)  # a second connection from the same address pair, not seen at admission: asked afresh
     assert len(dsts) == 2 and ident.owners[-1] is None
+
+
+def test_an_attesting_backend_is_asked_by_the_cookie_admission_already_has() -> None:
+    class Owner:
+        uid, inode, cookie = 1000, 555, 0xC00C1E
+
+    class Record:
+        tgid, comm, original_dst = 42, "curl", ("169.254.169.254", 80)
+
+    class Lookup:
+        calls = 0
+
+        def owner(self, peer: object, dialled: object) -> Owner:
+            Lookup.calls += 1
+            return Owner()
+
+    class Attesting(FakeIdentifier):
+        def identify_attested(self, peer: object, local: object, tgid: int, comm: str, owner: object) -> Caller:
+            self.asked.append((tgid, comm, owner))
+            return CURL
+
+    ident = Attesting(CURL)
+    ident.lookup = Lookup()  # type: ignore[attr-defined]
+    asked: list[int] = []
+
+    def attest(cookie: int) -> object:
+        asked.append(cookie)
+        return Record() if cookie == 0xC00C1E else None
+
+    hook = ConnectionIdentifier(ident, dst=lambda c: None, attest=attest)  # type: ignore[arg-type]
+    hook.peer_uid(CONN)
+    client = hook(CONN)
+    assert client.caller == CURL and client.original_dst == ("169.254.169.254", 80)
+    assert asked == [0xC00C1E] and Lookup.calls == 1  # one sock_diag query for admission and attestation
+    Owner.cookie = 7  # a socket with no record (connected before the hooks)
+    assert hook(CONN).caller.reason.startswith("no connect record")
