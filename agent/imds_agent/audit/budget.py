@@ -15,7 +15,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-# Buckets for this many distinct uids at most; past it the fullest one is forgotten (a uid that filled its bucket).
+# Buckets for this many distinct uids at most; past it the quietest one is forgotten (most tokens left, nothing
+# suppressed): forgetting a bucket a uid has emptied would hand a flooding uid a fresh burst.
 MAX_BUCKETS = 4096
 
 
@@ -73,7 +74,8 @@ class AuditBudget:
             bucket = self._buckets.get(uid)
             if bucket is None:
                 if len(self._buckets) >= MAX_BUCKETS:
-                    del self._buckets[min(self._buckets, key=lambda k: self._buckets[k].tokens)]
+                    quiet = max(self._buckets, key=lambda k: (not self._buckets[k].count, self._buckets[k].tokens))
+                    del self._buckets[quiet]
                 bucket = self._buckets[uid] = _Bucket(float(self.burst), now)
             bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.stamp) * self.rate)
             bucket.stamp = now

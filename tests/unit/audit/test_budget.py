@@ -46,3 +46,15 @@ def test_pending_summaries_are_handed_over_at_stop_and_rate_0_is_unbounded() -> 
     assert summary.count == 1 and budget.pending() == []
     unbounded = AuditBudget(rate=0, burst=1)
     assert all(unbounded.admit(1000, "allow", 1.0)[0] for _ in range(10000))
+
+
+def test_at_the_bucket_bound_the_quietest_uid_is_forgotten_never_the_flooder(monkeypatch) -> None:
+    from imds_agent.audit import budget as budgetmod
+
+    monkeypatch.setattr(budgetmod, "MAX_BUCKETS", 2)
+    budget = AuditBudget(rate=0.001, burst=2, clock=Clock())
+    for _ in range(5):
+        budget.admit(1001, "allow", 1.0)  # the flooder: bucket empty, 3 suppressed
+    budget.admit(1002, "allow", 1.0)  # a quiet uid
+    budget.admit(1003, "allow", 1.0)  # a third uid: one bucket must go
+    assert budget.admit(1001, "allow", 2.0) == (False, None)  # still limited: its empty bucket was kept
