@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import threading
 import time
@@ -134,6 +135,7 @@ def serve(agent: Supervised, start: Callable[[], None], stop: Callable[[], None]
     return the exit code."""
     watch = Supervisor(agent, watchdog=sdnotify.watchdog_interval())
     watch.install_signals()
+    raise_descriptor_limit()
     try:
         start()
         log.info("imds-agent running in %s mode", agent.mode)
@@ -144,6 +146,19 @@ def serve(agent: Supervised, start: Callable[[], None], stop: Callable[[], None]
     finally:
         stop()
         remove_pidfile()
+
+
+def raise_descriptor_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one (systemd's soft default is 1024, which a flood of
+    connections exhausts: then identification, upstream sockets and accepts all fail); return the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, hard, exc)
+    return soft
 
 
 def write_pidfile(path: str = PIDFILE) -> None:

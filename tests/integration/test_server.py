@@ -260,3 +260,22 @@ def test_work_for_clients_that_are_gone_is_not_done(monkeypatch: pytest.MonkeyPa
     finally:
         srv.close()
     assert identified == [] and answers[0].caller.reason == "waited too long for a worker"
+
+
+def test_out_of_descriptors_the_accept_loop_pauses_and_logs_one_summary(caplog: pytest.LogCaptureFixture) -> None:
+    import errno
+
+    srv = make_server()
+    try:
+
+        class Exhausted:
+            def accept(self) -> None:
+                raise OSError(errno.EMFILE, "Too many open files")
+
+        started = time.monotonic()
+        for _ in range(5):
+            srv._accept(Exhausted())  # type: ignore[arg-type]
+        assert time.monotonic() - started >= 5 * servermod.ACCEPT_PAUSE * 0.9  # rests instead of spinning
+        assert caplog.text.count("Too many open files") == 1  # one summary line, not one per turn
+    finally:
+        srv.close()

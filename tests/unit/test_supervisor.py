@@ -133,3 +133,10 @@ def test_the_pidfile_is_written_and_removed_only_while_it_is_ours(tmp_path: Path
     supervisor.remove_pidfile(path)
     assert Path(path).read_text() == "1\n"
     supervisor.write_pidfile(str(tmp_path / "missing-dir" / "x.pid"))  # no runtime directory: nothing, no error
+
+
+def test_the_descriptor_limit_is_raised_to_the_hard_one(monkeypatch) -> None:
+    set_to: list[tuple[int, int]] = []
+    monkeypatch.setattr("resource.getrlimit", lambda which: (1024, 65536))
+    monkeypatch.setattr("resource.setrlimit", lambda which, limits: set_to.append(limits))
+    assert supervisor.raise_descriptor_limit() == 65536 and set_to == [(65536, 65536)]

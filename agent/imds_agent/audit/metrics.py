@@ -25,6 +25,7 @@ from ..proxy.types import Answer, Kind, Outcome
 
 log = logging.getLogger(__name__)
 
+MAX_SCRAPES = 4
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -140,6 +141,7 @@ class _StateCollector:
 
 class _Handler(BaseHTTPRequestHandler):
     server: _MetricsHTTPServer
+    timeout = 5  # a scraper that sends nothing is dropped instead of holding a thread and a descriptor
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         if self.path.split("?", 1)[0] not in ("/metrics", "/"):
@@ -166,7 +168,21 @@ class _MetricsHTTPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def __init__(self, address: Any, family: int, metrics: Metrics):
         self.address_family = family
         self.metrics = metrics
+        self._scrapes = threading.BoundedSemaphore(MAX_SCRAPES)
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """At most MAX_SCRAPES at once: a local user opening connections to a loopback port gets no thread each."""
+        if not self._scrapes.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._scrapes.release()
 
 
 class MetricsService:

@@ -11,6 +11,7 @@ sending its request is not idle: slow senders are bounded by the per-uid cap and
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 from collections import Counter
@@ -26,6 +27,7 @@ class Slot:
 
     uid: Uid
     sock: socket.socket
+    favoured: bool = False  # root or a uid the policy names: only their own kind may close their idle connections
     idle: bool = False
     released: bool = False
     since: float = field(default=0.0)
@@ -55,16 +57,17 @@ class Admission:
     def admit(self, uid: Uid, sock: socket.socket) -> tuple[Optional[Slot], str]:
         """A slot for a new connection of ``uid``, or None and why not. May close an idle connection for it."""
         with self._lock:
-            if self._by_uid[uid] >= self.per_uid and not self._evict(lambda s: s.uid == uid):
+            if self._by_uid[uid] >= self.per_uid and not self._evict(lambda s: s.uid == uid, lambda s: True):
                 who = f"uid {uid}" if uid is not None else "unidentified peers"
                 return None, f"{who} already holds {self.per_uid} connections (listen.max_connections_per_uid)"
             favoured = uid == 0 or (uid is not None and uid in self.privileged())
             limit = self.total if favoured else self.total - self.reserved
-            if len(self._slots) >= limit and not self._evict(self._from_the_busiest(), fallback=True):
+            evictable = (lambda s: True) if favoured else (lambda s: not s.favoured)
+            if len(self._slots) >= limit and not self._evict(self._from_the_busiest(), evictable, fallback=True):
                 if limit < self.total:
                     return None, "too many connections (the rest are reserved for root and the uids the policy names)"
                 return None, "too many connections"
-            slot = Slot(uid, sock, since=self.clock())
+            slot = Slot(uid, sock, favoured, since=self.clock())
             self._slots.add(slot)
             self._by_uid[uid] += 1
             return slot, ""
@@ -110,10 +113,12 @@ class Admission:
         busiest = max(self._by_uid, key=lambda u: self._by_uid[u], default=None)
         return lambda s: s.uid == busiest
 
-    def _evict(self, prefer: Callable[[Slot], bool], fallback: bool = False) -> bool:
-        """Close the longest-idle connection that ``prefer`` picks (else, with ``fallback``, any idle one); its
-        slot is free at once, its worker notices the close. Whether one was closed."""
-        idle = [s for s in self._slots if s.idle]
+    def _evict(self, prefer: Callable[[Slot], bool], allowed: Callable[[Slot], bool], fallback: bool = False) -> bool:
+        """Close the longest-idle connection that ``prefer`` picks (else, with ``fallback``, any idle one) among
+        those ``allowed`` (an ordinary uid never closes root's or a named uid's); its slot is free at once, its
+        worker notices the close. A connection whose next request has already arrived is not idle. Whether one
+        was closed."""
+        idle = [s for s in self._slots if s.idle and allowed(s) and not _has_data(s.sock)]
         chosen = [s for s in idle if prefer(s)] or (idle if fallback else [])
         if not chosen:
             return False
@@ -125,3 +130,12 @@ class Admission:
         self._release(victim)
         self.evictions += 1
         return True
+
+
+def _has_data(sock: socket.socket) -> bool:
+    """Whether something has arrived on an idle connection that its worker has not read yet (a request, or the
+    client's close). A zero-timeout select: a peek would wait out the socket's own timeout."""
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError, TypeError):
+        return False

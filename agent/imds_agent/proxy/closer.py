@@ -5,7 +5,8 @@ Closing a socket with unread bytes in its receive queue (the client's request, s
 makes the kernel send a reset, and a reset can destroy the 503 the client has not read yet: 304 of 454 refused
 connections lost their answer that way. The accept loop cannot wait for each client, so refused sockets are
 handed here; each gets ``linger`` seconds to finish (the client reads the answer and closes), and at most
-``capacity`` wait at once (past that a socket is closed at once, as before).
+``capacity`` wait at once (past that a socket is closed at once, as before), so that a flood of refused
+connections cannot hold the agent's descriptors.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 class Closer:
     """One thread that finishes closing sockets handed to it."""
 
-    def __init__(self, linger: float = 1.0, capacity: int = 1024):
+    def __init__(self, linger: float = 1.0, capacity: int = 256):
         self.linger = linger
         self.capacity = capacity
         self._lock = threading.Lock()

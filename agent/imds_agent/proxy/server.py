@@ -32,6 +32,7 @@ from .types import Address, Answer, Client
 log = logging.getLogger(__name__)
 HEARTBEAT = 1.0  # the accept loop turns at least this often, so that a watchdog can tell it is alive
 IDLE_WORKER_SECONDS = 60.0  # a worker with no connection for this long ends, so a burst does not leave threads
+ACCEPT_PAUSE = 0.05  # how long the accept loop rests when the process is out of descriptors
 QUEUE_DEADLINE = 1.0  # a connection that waited this long for a worker is refused before any work is done for it
 
 
@@ -102,7 +103,8 @@ class ProxyServer:
         self.admission = Admission(config.max_connections, per_uid, reserved, privileged, time.monotonic)
         self.peer_uid = peer_uid
         self._refusals = RefusalLog()
-        self._closer = Closer()
+        # Each refused socket waits up to a second for its client: keep that far below the descriptor limit.
+        self._closer = Closer(capacity=256)
         self._stop = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()
         self._thread: Optional[threading.Thread] = None
@@ -243,6 +245,12 @@ class ProxyServer:
         try:
             sock, peer = listener.accept()
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # Out of descriptors (a flood of connections): the listener stays readable, so without a pause
+                # the loop would spin and log once per turn. One summary line per interval instead.
+                self._refusals.note(f"accept failed: {exc.strerror}; pausing accepts for {ACCEPT_PAUSE * 1000:.0f} ms")
+                time.sleep(ACCEPT_PAUSE)
+                return
             log.warning("accept failed: %s", exc)
             return
         conn = Connection(sock, peer[:2], sock.getsockname()[:2])

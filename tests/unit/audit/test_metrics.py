@@ -89,3 +89,27 @@ def test_metrics_configuration_is_checked() -> None:
     with pytest.raises(_FieldError, match="listener's port"):
         Config(listen=ListenConfig(port=968), metrics=MetricsConfig(listen="127.0.0.1:968"))
     assert MetricsConfig(listen="[::1]:9775").listen == "[::1]:9775"
+
+
+def test_silent_scrapers_get_no_thread_each_and_are_dropped(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from imds_agent.audit import metrics as metricsmod
+
+    sock_path = tmp_path / "metrics.sock"
+    service = MetricsService(Metrics(lambda: STATE), f"unix:{sock_path}", "")
+    service.start()
+    before = threading.active_count()
+    silent = []
+    try:
+        for _ in range(20):
+            client = socket.socket(socket.AF_UNIX)
+            client.connect(str(sock_path))
+            silent.append(client)
+        time.sleep(0.3)
+        assert threading.active_count() - before <= metricsmod.MAX_SCRAPES
+    finally:
+        for client in silent:
+            client.close()
+        service.close()

@@ -66,3 +66,29 @@ def test_a_busy_connection_is_never_evicted_and_the_busiest_uid_goes_first() -> 
     assert theirs.shut and not mine.shut and not busy.shut
     adm.idle(a, False)
     assert adm.admit(1002, FakeSock())[0] is None  # nothing idle left: refused
+
+
+def test_an_ordinary_uid_never_closes_the_idle_connections_of_root_or_a_named_uid() -> None:
+    adm = admission(total=3, per_uid=3, reserved=0, named=frozenset({998}))
+    root, named, busy = FakeSock(), FakeSock(), FakeSock()
+    a, b = adm.admit(0, root)[0], adm.admit(998, named)[0]
+    assert a and b and adm.admit(1001, busy)[0]
+    adm.idle(a, True)
+    adm.idle(b, True)
+    slot, why = adm.admit(1002, FakeSock())
+    assert slot is None and not root.shut and not named.shut
+    assert adm.admit(0, FakeSock())[0] is not None and (root.shut or named.shut)  # root may, among its own kind
+
+
+def test_an_idle_connection_whose_next_request_has_arrived_is_not_closed() -> None:
+    adm = admission(total=1, per_uid=1, reserved=0)
+    ours, theirs = socket.socketpair()
+    try:
+        slot = adm.admit(1001, ours)[0]
+        assert slot is not None
+        adm.idle(slot, True)
+        theirs.sendall(b"GET / HTTP/1.1\r\n\r\n")  # arrived, not yet read by the worker
+        assert adm.admit(1001, FakeSock())[0] is None
+    finally:
+        ours.close()
+        theirs.close()
