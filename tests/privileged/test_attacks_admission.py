@@ -25,8 +25,16 @@ for _ in range(int(sys.argv[1])):
     s = socket.create_connection(("169.254.169.254", 80), timeout=5)
     s.sendall(b"GET /latest/meta-data/instance-id HTTP/1.1\\r\\nHost: x\\r\\n")
     conns.append(s)
-time.sleep(0.5)
-answered = {s for s in select.select(conns, [], [], 0)[0] if s.recv(64).startswith(b"HTTP/1.1 503")}
+answered = set()
+end = time.monotonic() + 10  # on a busy machine the agent takes a while to answer 500-odd refusals
+while time.monotonic() < end and len(conns) - len(answered) > 64:
+    for s in select.select([c for c in conns if c not in answered], [], [], 0.2)[0]:
+        try:
+            refused = s.recv(64).startswith(b"HTTP/1.1 503")
+        except OSError:  # reset after its 503: refused all the same
+            refused = True
+        if refused:
+            answered.add(s)
 held = [s for s in conns if s not in answered]
 print(len(held), len(answered), flush=True)
 time.sleep(30)
@@ -58,7 +66,6 @@ def test_one_user_holding_every_slot_starves_nobody_else(sbx: Sandbox) -> None:
     finally:
         agent.stop()
     print(f"the other uid held {held} connections and was refused {refused}; the allowed callers got {answers}")
-    # At most listen.max_connections_per_uid (64) held; a few 503s may still be on their way at the count.
-    assert held + refused == 600 and refused >= 600 - 64 - 16, (held, refused)
+    assert held + refused == 600 and held <= 64, (held, refused)  # listen.max_connections_per_uid
     assert answers == ["200"] * 15
     assert agent.log().count("refused") < 20  # one summary line per interval, not one per refusal
