@@ -174,6 +174,9 @@ def test_metrics_count_what_the_agent_answered(config: Config, tmp_path: Path) -
             conn.request("GET", path)
             conn.getresponse().read()
             conn.close()
+        deadline = time.monotonic() + 2  # each answer is recorded right after it is sent: wait for the last one
+        while agent.recorder.tally.totals().requests < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
         with socket.socket(socket.AF_UNIX) as client:
             client.connect(str(sock_path))
             client.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
@@ -212,7 +215,12 @@ def test_status_and_report_ask_the_running_agent(config: Config, tmp_path: Path,
         conn.request("GET", CREDS)
         assert conn.getresponse().status == 403
         conn.close()
-        status = ask("status", sock_path)
+        # The answer is recorded right after it is sent (recording never delays a client): wait that moment.
+        deadline = time.monotonic() + 2
+        while (status := ask("status", sock_path)) is not None and not status["totals"]["denied"]:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
         assert status is not None
         assert status["mode"] == "enforce" and status["totals"]["denied"] == 1 and status["rules"] == "disabled"
         assert cli.main(["report", "--json", "--config", str(source)]) == 0

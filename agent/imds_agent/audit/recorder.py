@@ -59,10 +59,10 @@ class Recorder:
         steps: list[tuple[str, Callable[[Answer], None]]] = [
             ("the audit log", self._audit),
             ("the inventory", self._count),
-            ("the totals", self.tally.add),
         ]
         if self.metrics is not None:
             steps.append(("the metrics", self.metrics.observe))
+        steps.append(("the totals", self.tally.add))  # last: a total that moved means every other record is made
         failed = False
         for what, step in steps:
             try:
