@@ -7,6 +7,33 @@ from typing import Optional
 
 
 @dataclass(frozen=True)
+class ContainerInfo:
+    """The container a caller runs in, as its runtime's own state describes it (never guessed from an address).
+
+    ``labels`` are the container's labels (Docker) or annotations (containerd), sorted, as (key, value) pairs.
+    The pod fields are filled for Kubernetes pods only; ``netns`` is the inode of the container's network
+    namespace when it has one of its own (0 when it shares the host's).
+    """
+
+    id: str
+    runtime: str  # "docker", "containerd", "cri-o", "podman" or "unknown"
+    name: str = ""
+    image: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+    pod_namespace: str = ""
+    pod_name: str = ""
+    service_account: str = ""
+    netns: int = 0
+
+    def label(self, key: str) -> Optional[str]:
+        """The value of label ``key``, or None."""
+        for k, v in self.labels:
+            if k == key:
+                return v
+        return None
+
+
+@dataclass(frozen=True)
 class Caller:
     """A process identified as the client of one TCP connection.
 
@@ -36,6 +63,10 @@ class Caller:
     # Loader variables (LD_PRELOAD, LD_AUDIT) in the environment the process started with: code its user chose
     # may run inside the executable. Recorded; rules with refuse_preload do not match such callers.
     preload: tuple[str, ...] = ()
+    # The container the process runs in, from the runtime's state, when it runs in one the agent can describe;
+    # ``exe`` is then the path inside the container's image and ``uid_inside`` the uid its user namespace shows.
+    workload: Optional[ContainerInfo] = None
+    uid_inside: Optional[int] = None
 
     @classmethod
     def unknown(cls, reason: str, uid: Optional[int] = None) -> Caller:
