@@ -28,6 +28,10 @@ class RedirectSpec:
     to_ipv4: str = "127.0.0.1"
     to_ipv6: str = "::1"
     with_ipv6: bool = True
+    # Containers with network namespaces of their own: their connections enter the host on these interfaces
+    # (names, or prefixes ending in '*') and are redirected, on arrival, to the container listener's port.
+    container_ifaces: tuple[str, ...] = ()
+    container_port: int = 0
 
 
 class State(enum.Enum):

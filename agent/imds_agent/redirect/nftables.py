@@ -49,7 +49,7 @@ SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES = 270, 1, 7
 PROBE_TABLE = "imds_agent_probe"
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-HOOKS = {"output": 3}
+HOOKS = {"prerouting": 0, "forward": 2, "output": 3}
 _HEADER = struct.Struct("=IHHII")
 
 
@@ -128,16 +128,18 @@ def _describe_op(op: dict[str, Any]) -> str:
 
 
 def _chain_differences(name: str, chain: Any) -> list[str]:
-    kind, priority = nftrules.CHAINS[name]
+    kind, hook_name, priority = nftrules.CHAINS[name]
     hook = chain.get_attr("NFTA_CHAIN_HOOK")
     found = hook.get_attr("NFTA_HOOK_PRIORITY") if hook is not None else None
-    if chain.get_attr("NFTA_CHAIN_TYPE") != kind or found != priority:
-        return [f"chain {name} is not a {kind} chain at priority {priority}"]
+    hooknum = hook.get_attr("NFTA_HOOK_HOOKNUM") if hook is not None else None
+    if chain.get_attr("NFTA_CHAIN_TYPE") != kind or found != priority or hooknum != HOOKS[hook_name]:
+        return [f"chain {name} is not a {kind} chain on {hook_name} at priority {priority}"]
     return []
 
 
 def _rule_differences(what: str, wanted: dict[str, list[Any]], installed: list[tuple[str, list[Any]]]) -> list[str]:
-    """One chain's rules (``installed``: family, expressions) against the wanted ones per family."""
+    """One chain's rules (``installed``: rule key, expressions) against the wanted ones per rule key (the family,
+    and the input interface in the container chains)."""
     details: list[str] = []
     for family, exprs in wanted.items():
         found = [e for f, e in installed if f == family]
@@ -390,7 +392,7 @@ class NftablesBackend:
                 if found is not None:
                     counters = found
             family = nftrules.rule_family(exprs) or "?"
-            installed.append((str(rule.get_attr("NFTA_RULE_CHAIN")), family, exprs))
+            installed.append((str(rule.get_attr("NFTA_RULE_CHAIN")), nftrules.rule_key(exprs), exprs))
             views.append(RuleView(family, nftrules.render(exprs), counters[0], counters[1]))
         details = self._differences(spec, chains, installed) if spec is not None else []
         state = State.PARTIAL if details else State.PRESENT
@@ -398,16 +400,19 @@ class NftablesBackend:
 
     @staticmethod
     def _differences(spec: RedirectSpec, chains: list[Any], installed: list[tuple[str, str, list[Any]]]) -> list[str]:
-        """What differs from ``spec``, chain by chain: ``installed`` is (chain, family, expressions) per rule."""
+        """What differs from ``spec``, chain by chain: ``installed`` is (chain, rule key, expressions) per rule."""
         details: list[str] = []
         by_name = {c.get_attr("NFTA_CHAIN_NAME"): c for c in chains}
-        for name, wanted in nftrules.expected_chains(spec).items():
+        expected = nftrules.expected_chains(spec)
+        for name, wanted in expected.items():
             if name not in by_name:
                 details.append(f"chain {name} is missing")
                 continue
             details.extend(_chain_differences(name, by_name[name]))
             rules = [(family, exprs) for chain, family, exprs in installed if chain == name]
             details.extend(_rule_differences("rule" if name == nftrules.CHAIN else f"{name} rule", wanted, rules))
+        # A chain of ours the spec does not ask for (containers switched off since): a repair drops it.
+        details.extend(f"chain {name} is not wanted" for name in sorted(set(by_name) - set(expected)))
         return details
 
     def close(self) -> None:

@@ -14,6 +14,15 @@ The table holds two chains on the output hook:
   does not match here; any packet still addressed to the metadata service from another uid went round the
   redirect, and is rejected with a TCP reset. Reset, not drop: a client holding such a connection fails at once
   and its retry opens a new connection, which the redirect catches.
+
+With container interfaces in the spec, two more chains catch connections from containers with network namespaces
+of their own, where they enter the host (they never pass the output hook):
+
+- ``prerouting`` (nat, priority -150, before Docker's and kube-proxy's DNAT at -100): ``iifname "docker*" ip daddr
+  169.254.169.254 tcp dport 80 redirect to :<container port>``, to the agent's container listener on the address
+  of the interface the connection came in on.
+- ``forward_guard`` (filter, priority 0): a packet from those interfaces still addressed to the metadata service
+  is one the redirect did not translate (a connection older than the rules): reset, as the output guard does.
 """
 
 from __future__ import annotations
@@ -29,10 +38,18 @@ CHAIN = "output"
 PRIORITY = -150  # before Docker's and iptables-nft's nat output chains (priority -100)
 GUARD_CHAIN = "guard"
 GUARD_PRIORITY = 0  # NF_IP_PRI_FILTER: after every nat output chain, so only unredirected packets match
-#: Our chains by name: (type, priority). The order is the order they are created in.
-CHAINS = {CHAIN: ("nat", PRIORITY), GUARD_CHAIN: ("filter", GUARD_PRIORITY)}
+PREROUTING_CHAIN = "prerouting"
+FORWARD_GUARD_CHAIN = "forward_guard"
+#: Our chains by name: (type, hook, priority). The order is the order they are created in.
+CHAINS = {
+    CHAIN: ("nat", "output", PRIORITY),
+    GUARD_CHAIN: ("filter", "output", GUARD_PRIORITY),
+    PREROUTING_CHAIN: ("nat", "prerouting", PRIORITY),
+    FORWARD_GUARD_CHAIN: ("filter", "forward", GUARD_PRIORITY),
+}
+IFNAMSIZ = 16
 NFPROTO = {"ipv4": 2, "ipv6": 10}
-META_KEYS = {"skuid": 10, "nfproto": 15, "l4proto": 16}
+META_KEYS = {"iifname": 6, "skuid": 10, "nfproto": 15, "l4proto": 16}
 PAYLOAD_BASE = {"network": 1, "transport": 2}
 CMP_OPS = {"eq": 0, "neq": 1}
 NAT_DNAT = 1
@@ -48,6 +65,7 @@ SIGNIFICANT = {
     "immediate": ("dreg", "data"),
     "nat": ("type", "family", "reg_addr_min", "reg_proto_min"),
     "reject": ("type",),
+    "redir": ("reg_proto_min",),
 }
 
 Expr = list[Any]  # [name, {attr: value}]
@@ -57,10 +75,13 @@ def _cmp(op: str, data: bytes) -> Expr:
     return ["cmp", {"sreg": 1, "op": op, "data": data.hex()}]
 
 
-def _match(family: str, daddr: str, dport: int, exempt_uid: int) -> list[Expr]:
-    """``<family> daddr D tcp dport P meta skuid != U counter``: what both chains select."""
+def _match(family: str, daddr: str, dport: int, exempt_uid: Optional[int] = None, iface: str = "") -> list[Expr]:
+    """``[iifname I] <family> daddr D tcp dport P [meta skuid != U] counter``: what the chains select."""
     addr_offset, addr_len = (16, 4) if family == "ipv4" else (24, 16)
-    return [
+    exprs: list[Expr] = []
+    if iface:
+        exprs += [["meta", {"key": "iifname", "dreg": 1}], _cmp("eq", ifname_bytes(iface))]
+    exprs += [
         ["meta", {"key": "nfproto", "dreg": 1}],
         _cmp("eq", bytes([NFPROTO[family]])),
         ["meta", {"key": "l4proto", "dreg": 1}],
@@ -69,10 +90,18 @@ def _match(family: str, daddr: str, dport: int, exempt_uid: int) -> list[Expr]:
         _cmp("eq", ipaddress.ip_address(daddr).packed),
         ["payload", {"dreg": 1, "base": "transport", "offset": 2, "len": 2}],
         _cmp("eq", struct.pack(">H", dport)),
-        ["meta", {"key": "skuid", "dreg": 1}],
-        _cmp("neq", struct.pack("=I", exempt_uid)),  # skuid is compared in host byte order
-        ["counter", {}],
     ]
+    if exempt_uid is not None:
+        exprs += [["meta", {"key": "skuid", "dreg": 1}], _cmp("neq", struct.pack("=I", exempt_uid))]  # host order
+    return exprs + [["counter", {}]]
+
+
+def ifname_bytes(pattern: str) -> bytes:
+    """An interface name as nft compares it: a prefix for ``name*`` (the bytes before the star), the name with
+    its terminating NUL otherwise, so that ``docker0`` does not also match ``docker01``."""
+    if pattern.endswith("*"):
+        return pattern[:-1].encode()
+    return pattern.encode() + b"\0"
 
 
 def rule_exprs(family: str, daddr: str, dport: int, exempt_uid: int, to_addr: str, to_port: int) -> list[Expr]:
@@ -105,9 +134,36 @@ def expected_rules(spec: RedirectSpec) -> dict[str, list[Expr]]:
     return rules
 
 
+def container_exprs(family: str, daddr: str, dport: int, iface: str, to_port: int) -> list[Expr]:
+    """``iifname I <family> daddr D tcp dport P counter redirect to :Q`` as expressions."""
+    return _match(family, daddr, dport, iface=iface) + [
+        ["immediate", {"dreg": 1, "data": struct.pack(">H", to_port).hex()}],
+        ["redir", {"reg_proto_min": 1}],
+    ]
+
+
+def _families(spec: RedirectSpec) -> list[tuple[str, str]]:
+    return [("ipv4", spec.ipv4)] + ([("ipv6", spec.ipv6)] if spec.with_ipv6 else [])
+
+
+def expected_container_chains(spec: RedirectSpec) -> dict[str, dict[str, list[Expr]]]:
+    """The prerouting redirect and the forward guard, keyed by rule key (family and interface); none without
+    container interfaces."""
+    if not spec.container_ifaces:
+        return {}
+    redirect: dict[str, list[Expr]] = {}
+    guard: dict[str, list[Expr]] = {}
+    for family, daddr in _families(spec):
+        for iface in spec.container_ifaces:
+            key = f"{family} iifname {iface}"
+            redirect[key] = container_exprs(family, daddr, spec.port, iface, spec.container_port)
+            guard[key] = _match(family, daddr, spec.port, iface=iface) + [["reject", {"type": "tcp_rst"}]]
+    return {PREROUTING_CHAIN: redirect, FORWARD_GUARD_CHAIN: guard}
+
+
 def expected_chains(spec: RedirectSpec) -> dict[str, dict[str, list[Expr]]]:
-    """Per chain, the rule expressions per family that ``spec`` asks for."""
-    return {CHAIN: expected_rules(spec), GUARD_CHAIN: expected_guard(spec)}
+    """Per chain, the rule expressions per rule key (the family; with the interface for container chains)."""
+    return {CHAIN: expected_rules(spec), GUARD_CHAIN: expected_guard(spec), **expected_container_chains(spec)}
 
 
 def build_ruleset(spec: RedirectSpec, owned: bool) -> list[dict[str, Any]]:
@@ -120,14 +176,14 @@ def build_ruleset(spec: RedirectSpec, owned: bool) -> list[dict[str, Any]]:
         {"op": "add", "object": "table", "name": TABLE, "flags": ["owner"] if owned else []},
     ]
     for chain, rules in expected_chains(spec).items():
-        kind, priority = CHAINS[chain]
+        kind, hook, priority = CHAINS[chain]
         ops.append(
-            {"op": "add", "object": "chain", "table": TABLE, "name": chain, "type": kind, "hook": "output",
+            {"op": "add", "object": "chain", "table": TABLE, "name": chain, "type": kind, "hook": hook,
              "priority": priority, "policy": "accept"}
         )  # fmt: skip
-        for family, exprs in rules.items():
+        for key, exprs in rules.items():
             ops.append(
-                {"op": "add", "object": "rule", "table": TABLE, "chain": chain, "family": family,
+                {"op": "add", "object": "rule", "table": TABLE, "chain": chain, "family": key.split()[0],
                  "comment": OWNER_NAME, "expr": exprs}
             )  # fmt: skip
     return ops
@@ -147,6 +203,22 @@ def rule_family(exprs: list[Expr]) -> Optional[str]:
                 value = bytes.fromhex(nxt[1].get("data", ""))
                 return {2: "ipv4", 10: "ipv6"}.get(value[0] if value else -1)
     return None
+
+
+def rule_key(exprs: list[Expr]) -> str:
+    """How a rule is told from its chain's others: its family, and its input interface where it matches one."""
+    key = rule_family(exprs) or "?"
+    for i, (name, attrs) in enumerate(exprs[:-1]):
+        if name == "meta" and attrs.get("key") == "iifname" and exprs[i + 1][0] == "cmp":
+            key += f" iifname {_ifname(bytes.fromhex(exprs[i + 1][1].get('data', '')))}"
+    return key
+
+
+def _ifname(value: bytes) -> str:
+    """The pattern ``ifname_bytes`` made ``value`` from."""
+    if value.endswith(b"\0"):
+        return value.rstrip(b"\0").decode(errors="replace")
+    return value.decode(errors="replace") + "*"
 
 
 def render(exprs: list[Expr]) -> str:
@@ -172,6 +244,9 @@ def render(exprs: list[Expr]) -> str:
             target = f"[{host}]" if len(addr) == 16 else host
             family = "ip" if attrs.get("family") == "ipv4" else "ip6"
             words.append(f"{attrs.get('type')} {family} to {target}:{struct.unpack('>H', port)[0] if port else '?'}")
+        elif name == "redir":
+            port = regs.get(int(attrs.get("reg_proto_min") or 0), b"")
+            words.append(f"redirect to :{struct.unpack('>H', port)[0] if len(port) == 2 else '?'}")
         elif name == "reject":
             words.append("reject with tcp reset" if attrs.get("type") == "tcp_rst" else f"reject {attrs.get('type')}")
         else:
@@ -188,6 +263,8 @@ def _describe_match(loaded: tuple[str, Any], value: bytes, op: str) -> str:
         if key == "l4proto":
             proto = "tcp" if value == b"\x06" else value.hex()
             return f"meta l4proto {op}{proto}"
+        if key == "iifname":
+            return f'iifname {op}"{_ifname(value)}"'
         if key == "skuid" and len(value) == 4:
             return f"meta skuid {op}{struct.unpack('=I', value)[0]}"
         return f"meta {key} {op}{value.hex()}"

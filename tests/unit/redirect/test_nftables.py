@@ -50,8 +50,10 @@ def rule_message(exprs: list[Any], backend: Optional[NftablesBackend] = None, ch
     return decoded(nft_rule_msg, (backend or NftablesBackend())._encode(nft_rule_msg, NFT_MSG_NEWRULE, attrs, 0))
 
 
-def chain_message(kind: str = "nat", priority: int = nftrules.PRIORITY, name: str = nftrules.CHAIN) -> Any:
-    hook = {"attrs": [("NFTA_HOOK_HOOKNUM", 3), ("NFTA_HOOK_PRIORITY", priority)]}
+def chain_message(
+    kind: str = "nat", priority: int = nftrules.PRIORITY, name: str = nftrules.CHAIN, hooknum: int = 3
+) -> Any:
+    hook = {"attrs": [("NFTA_HOOK_HOOKNUM", hooknum), ("NFTA_HOOK_PRIORITY", priority)]}
     attrs = [
         ("NFTA_CHAIN_TABLE", nftrules.TABLE),
         ("NFTA_CHAIN_NAME", name),
@@ -240,13 +242,13 @@ def test_a_kernel_without_reject_is_named_when_the_guard_is_refused() -> None:
 
 
 def installed(spec: RedirectSpec) -> list[tuple[str, str, list[Any]]]:
-    """What the kernel reports for a table built from ``spec``: (chain, family, rule) read back through netlink."""
+    """What the kernel reports for a table built from ``spec``: (chain, rule key, rule) read back through netlink."""
     out = []
     for chain, rules in nftrules.expected_chains(spec).items():
         for exprs in rules.values():
             msg = rule_message(exprs, chain=chain)
             back = [_expr_from_netlink(e)[0] for e in msg.get_attr("NFTA_RULE_EXPRESSIONS")]
-            out.append((msg.get_attr("NFTA_RULE_CHAIN"), nftrules.rule_family(back) or "?", back))
+            out.append((msg.get_attr("NFTA_RULE_CHAIN"), nftrules.rule_key(back), back))
     return out
 
 
@@ -268,21 +270,27 @@ def test_attributes_the_kernel_adds_are_not_differences() -> None:
 
 def test_missing_chains_are_reported() -> None:
     other = chain_message(name="input")
-    assert differences([other], installed(SPEC)) == ["chain output is missing", "chain guard is missing"]
+    assert differences([other], installed(SPEC)) == [
+        "chain output is missing",
+        "chain guard is missing",
+        "chain input is not wanted",
+    ]
     assert differences([chain_message()], installed(SPEC)) == ["chain guard is missing"]
 
 
 @pytest.mark.parametrize("chain", [chain_message(kind="filter"), chain_message(priority=-100)], ids=["type", "prio"])
 def test_a_chain_of_the_wrong_type_or_priority_is_reported(chain: Any) -> None:
     assert differences([chain, guard_message()], installed(SPEC)) == [
-        "chain output is not a nat chain at priority -150"
+        "chain output is not a nat chain on output at priority -150"
     ]
 
 
 @pytest.mark.parametrize("guard", [guard_message(kind="nat"), guard_message(priority=-200)], ids=["type", "prio"])
 def test_a_guard_chain_of_the_wrong_type_or_priority_is_reported(guard: Any) -> None:
     # Before the nat chains, the guard would reject every connection, redirected or not.
-    assert differences([chain_message(), guard], installed(SPEC)) == ["chain guard is not a filter chain at priority 0"]
+    assert differences([chain_message(), guard], installed(SPEC)) == [
+        "chain guard is not a filter chain on output at priority 0"
+    ]
 
 
 def test_a_missing_rule_is_reported() -> None:
@@ -396,3 +404,42 @@ def test_table_ownership_is_probed_once_and_both_answers_are_followed(monkeypatc
     old = NftablesBackend()
     assert not old.can_own() and not old.can_own()
     assert len(sent) == 1
+
+
+CONTAINERS = RedirectSpec(
+    exempt_uid=990, listen_port=968, container_ifaces=("docker*", "br-*", "cni0"), container_port=969
+)
+
+
+def container_chains() -> list[Any]:
+    chains = our_chains()
+    for name in (nftrules.PREROUTING_CHAIN, nftrules.FORWARD_GUARD_CHAIN):
+        kind, hook, priority = nftrules.CHAINS[name]
+        chains.append(chain_message(kind, priority, name, hooknum={"prerouting": 0, "forward": 2}[hook]))
+    return chains
+
+
+def test_container_chains_read_back_through_netlink_have_no_differences() -> None:
+    assert differences(container_chains(), installed(CONTAINERS), CONTAINERS) == []
+
+
+def test_a_missing_interface_rule_is_named() -> None:
+    rules = [r for r in installed(CONTAINERS) if r[1] != "ipv4 iifname br-*" or r[0] != nftrules.PREROUTING_CHAIN]
+    assert differences(container_chains(), rules, CONTAINERS) == ["ipv4 iifname br-* prerouting rule is missing"]
+
+
+def test_container_chains_on_the_wrong_hook_are_reported() -> None:
+    chains = our_chains() + [
+        chain_message("nat", nftrules.PRIORITY, nftrules.PREROUTING_CHAIN, hooknum=3),
+        chain_message("filter", 0, nftrules.FORWARD_GUARD_CHAIN, hooknum=2),
+    ]
+    assert differences(chains, installed(CONTAINERS), CONTAINERS) == [
+        "chain prerouting is not a nat chain on prerouting at priority -150"
+    ]
+
+
+def test_container_chains_left_after_containers_are_switched_off_are_reported() -> None:
+    assert differences(container_chains(), installed(SPEC)) == [
+        "chain forward_guard is not wanted",
+        "chain prerouting is not wanted",
+    ]

@@ -15,6 +15,10 @@ GOLDEN = Path(__file__).parent / "golden"
 CASES = {
     "nft_v4v6_owned": (RedirectSpec(exempt_uid=990, listen_port=8775), True),
     "nft_v4_persistent": (RedirectSpec(exempt_uid=0, listen_port=9000, with_ipv6=False), False),
+    "nft_containers": (
+        RedirectSpec(exempt_uid=990, listen_port=968, container_ifaces=("docker*", "cni0"), container_port=969),
+        True,
+    ),
 }
 
 
@@ -67,3 +71,31 @@ def test_the_guard_rejects_what_the_redirect_missed_after_every_nat_chain() -> N
         assert exprs[:-1] == redirect[family][:-3] and exprs[-1] == ["reject", {"type": "tcp_rst"}]
     v4_only = nftrules.expected_chains(RedirectSpec(exempt_uid=990, listen_port=8775, with_ipv6=False))
     assert {chain: sorted(rules) for chain, rules in v4_only.items()} == {"output": ["ipv4"], "guard": ["ipv4"]}
+
+
+def test_container_redirect_reads_like_nft() -> None:
+    exprs = nftrules.container_exprs("ipv4", "169.254.169.254", 80, "docker*", 969)
+    assert nftrules.render(exprs) == (
+        'iifname "docker*" meta l4proto tcp ip daddr 169.254.169.254 tcp dport 80 counter redirect to :969'
+    )
+    assert nftrules.rule_key(exprs) == "ipv4 iifname docker*"
+    exact = nftrules.container_exprs("ipv6", "fd00:ec2::254", 80, "cni0", 969)
+    assert nftrules.rule_key(exact) == "ipv6 iifname cni0"
+    assert 'iifname "cni0"' in nftrules.render(exact)
+
+
+def test_an_exact_interface_name_is_not_a_prefix() -> None:
+    # "docker0" must not also match "docker01": the name is compared with its terminating NUL.
+    assert nftrules.ifname_bytes("docker0") == b"docker0\0"
+    assert nftrules.ifname_bytes("docker*") == b"docker"
+
+
+def test_container_chains_come_only_with_container_interfaces() -> None:
+    plain = nftrules.expected_chains(RedirectSpec(exempt_uid=990, listen_port=968))
+    assert set(plain) == {nftrules.CHAIN, nftrules.GUARD_CHAIN}
+    spec = RedirectSpec(exempt_uid=990, listen_port=968, container_ifaces=("docker*",), container_port=969)
+    chains = nftrules.expected_chains(spec)
+    assert set(chains[nftrules.PREROUTING_CHAIN]) == {"ipv4 iifname docker*", "ipv6 iifname docker*"}
+    # Container connections are redirected whatever their uid: the uid inside a container means nothing here.
+    assert all("skuid" not in nftrules.render(e) for e in chains[nftrules.PREROUTING_CHAIN].values())
+    assert all(e[-1][0] == "reject" for e in chains[nftrules.FORWARD_GUARD_CHAIN].values())
