@@ -10,6 +10,7 @@ import dataclasses
 import ipaddress
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -219,6 +220,35 @@ class IdentityConfig:
         _check(0.001 <= self.budget <= 5.0, "budget", "must be 0.001..5 seconds")
 
 
+_IFACE = re.compile(r"[A-Za-z0-9_.@-]{1,15}\*?")
+# Where containers' connections enter the host: Docker's bridges (docker0, br-<id> for user networks), CNI bridges
+# and pod veths (cni0, cbr0, Calico's cali*, Cilium's lxc*, the AWS VPC CNI's eni*) and plain veths.
+CONTAINER_IFACES = ("docker*", "br-*", "cni*", "cbr0", "cali*", "lxc*", "eni*", "veth*")
+
+
+@dataclass(frozen=True)
+class ContainersConfig:
+    """Containers with network namespaces of their own: intercepted where their connections enter the host."""
+
+    enabled: bool = False
+    interfaces: tuple[str, ...] = CONTAINER_IFACES  # names, or prefixes ending in '*'
+    port: int = 969  # the container listener, on every address; serves only what the redirect sent it
+    docker_root: str = "/var/lib/docker"  # Docker's data root: containers/<id>/config.v2.json
+    containerd_state: str = "/run/containerd"  # containerd's state: io.containerd.runtime.v2.task/<ns>/<id>
+
+    def __post_init__(self) -> None:
+        _check(len(self.interfaces) > 0, "interfaces", "needs at least one interface (or enabled: false)")
+        for name in self.interfaces:
+            _check(
+                bool(_IFACE.fullmatch(name)) and name.rstrip("*") not in ("", "lo"),
+                "interfaces",
+                f"not an interface name or prefix*: {name!r} (up to 15 characters; never lo or a bare '*')",
+            )
+        _check(0 <= self.port <= 65535, "port", f"port must be 0..65535, got {self.port}")
+        _check(os.path.isabs(self.docker_root), "docker_root", "must be an absolute path")
+        _check(os.path.isabs(self.containerd_state), "containerd_state", "must be an absolute path")
+
+
 @dataclass(frozen=True)
 class MetricsConfig:
     """Prometheus metrics: off unless one of these is set."""
@@ -255,6 +285,7 @@ class Config:
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    containers: ContainersConfig = field(default_factory=ContainersConfig)
     control_socket: str = "/run/imds-agent/control.sock"  # status/report/rules show ask the running agent here
     source: Optional[str] = None
 
@@ -267,6 +298,11 @@ class Config:
             self.metrics.listen.startswith("unix:") or not port.isdigit() or int(port) != self.listen.port,
             ("metrics", "listen"),
             "must not be the listener's port, where the redirect sends clients",
+        )
+        _check(
+            not self.containers.enabled or self.containers.port == 0 or self.containers.port != self.listen.port,
+            ("containers", "port"),
+            "must not be the host listener's port",
         )
         if self.redirect.enabled:
             # The redirect sends clients to loopback on the listen port; nothing else would receive them.
@@ -347,7 +383,7 @@ def from_document(doc: yamlsrc.Document) -> Config:
 
 # Parts a reload cannot change in a running agent (sockets, rules, files, threads were made from them).
 RESTART_ONLY = ("listen", "upstream", "redirect", "user", "audit", "token", "identity", "cache", "metrics",
-                "control_socket")  # fmt: skip
+                "containers", "control_socket")  # fmt: skip
 
 
 def reread(running: Config) -> Config:

@@ -29,7 +29,7 @@ from .imds.upstream import Upstream
 from .policy.loader import load_policy
 from .proxy.gate import AccessGate
 from .proxy.handler import Forwarder
-from .proxy.identify import ConnectionIdentifier
+from .proxy.identify import ConnectionIdentifier, ContainerSide
 from .proxy.server import ProxyServer
 from .redirect.lifecycle import Interception, spec_for
 
@@ -57,8 +57,10 @@ class Agent:
         self.started_at = time.monotonic()
         self.recorder = open_records(config.audit, self.account.uid, self.account.gid, self.metrics.metrics
                                      if self.metrics else None)  # fmt: skip
+        cport = config.containers.port if config.containers.enabled else None
         self.server = ProxyServer(config.listen, self.forwarder, identify=self.identify, report=self.recorder,
-                                  peer_uid=self.identify.peer_uid, privileged=self.gate.reserved_uids)  # fmt: skip
+                                  peer_uid=self.identify.peer_uid, privileged=self.gate.reserved_uids,
+                                  container_port=cport)  # fmt: skip
         self.interception: Optional[Interception] = None
         self._cleanup: list[tuple[str, Callable[[], object]]] = [
             ("close upstream pool", self.upstream.close),
@@ -77,12 +79,16 @@ class Agent:
     def start(self) -> None:
         """Listen, install the redirect, drop privileges, then serve and reconcile."""
         self.server.bind()
+        cport, up = self.server.container_port, self.config.upstream
+        if cport is not None:  # the listener for containers' own namespaces serves what was dialled there only
+            self.identify.containers = ContainerSide(cport, frozenset({(up.ipv4, up.port), (up.ipv6, up.port)}))
         self.control.bind()
         self._cleanup.append(("close listeners", self.server.close))
         if self.config.redirect.enabled:
             privileges.require_for_redirect()
             port = self.server.addresses[0][1]
-            spec = spec_for(self.config.redirect, self.config.upstream, self.account.uid, port)
+            ifaces = self.config.containers.interfaces
+            spec = spec_for(self.config.redirect, up, self.account.uid, port, ifaces, cport or 0)
             self.interception = Interception(self.config.redirect, spec)
             self._cleanup.append(("undo the redirect", self.interception.shutdown))
             self.interception.install()

@@ -69,6 +69,11 @@ def test_values_are_read(tmp_path: Path) -> None:
         ("user: 998\n", 1, "user", "quote it: '998'"),
         ("listen:\n  port: 900\n  addresses: [127.0.0.1]\n", 3, "listen.addresses", "must include ::1"),
         ("redirect: {ipv6: false}\nlisten: {addresses: ['::1']}\n", 2, "listen.addresses", "include 127.0.0.1"),
+        ("containers:\n  interfaces: ['*']\n", 2, "containers.interfaces", "never lo or a bare '*'"),
+        ("containers:\n  interfaces: [lo]\n", 2, "containers.interfaces", "never lo"),
+        ("containers:\n  interfaces: ['docker0; drop']\n", 2, "containers.interfaces", "not an interface name"),
+        ("containers:\n  interfaces: []\n", 2, "containers.interfaces", "at least one"),
+        ("containers: {enabled: true, port: 968}\n", 1, "containers.port", "not be the host listener's port"),
     ],
 )
 def test_errors_name_file_line_and_key(tmp_path: Path, text: str, line: int, key: str, fragment: str) -> None:
@@ -129,3 +134,9 @@ def test_the_experimental_ebpf_backend_is_accepted_only_failing_open() -> None:
     assert configmod.RedirectConfig(backend="ebpf").backend == "ebpf"
     with pytest.raises(configmod._FieldError, match="experimental"):
         configmod.RedirectConfig(backend="ebpf", fail_mode="closed")
+
+
+def test_containers_are_off_by_default_and_cover_the_usual_interfaces() -> None:
+    containers = configmod.Config().containers
+    assert containers.enabled is False and containers.port == 969
+    assert {"docker*", "br-*", "cni*", "eni*"} <= set(containers.interfaces)

@@ -142,6 +142,8 @@ class Forwarder:
         head_only = req.method == "HEAD"
         close = not req.keep_alive
         try:
+            if client.refused:
+                raise HttpError(403, client.refused)
             target = origin_form(req.target)
             check_request(req, target)
             path = classify(target)

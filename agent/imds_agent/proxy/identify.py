@@ -3,16 +3,25 @@
 The original destination comes from conntrack (what the client dialled before the redirect), then the identity
 lookup finds the process behind the peer socket. A lookup that fails for any reason gives an unidentified Caller
 with that reason; it never raises into the server.
+
+A connection on the container listener came from a container's own network namespace: its socket is looked for
+there (identity/netns.py), and a connection that dialled anything but the metadata service, or whose socket no
+local namespace holds, is refused outright: the listener is reachable from the containers' segment, and it must
+never serve anyone but the local containers the redirect sent.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
 from ..identity.caller import Caller
-from ..identity.resolver import Identifier
+from ..identity.netns import Ambiguous, NetnsSocket, NetnsSockets
+from ..identity.procs import OverBudget
+from ..identity.resolver import OVER_BUDGET, Identifier
 from ..identity.sockets import SocketOwner
 from .origdst import original_dst
 from .server import Connection
@@ -31,6 +40,18 @@ class Attested(Protocol):
 
 
 Attest = Callable[[int], Optional[Attested]]  # socket cookie -> the record made at connect, if any
+Describe = Callable[[Caller], Caller]  # a container caller -> the same with its workload (identity/containers.py)
+Seen = tuple[Optional[Address], Optional[SocketOwner], Optional[NetnsSocket]]
+
+
+@dataclass
+class ContainerSide:
+    """The container listener: its port, what a redirected container connection dialled, where to look."""
+
+    port: int
+    dialled: frozenset[Address]
+    sockets: NetnsSockets = dataclasses.field(default_factory=NetnsSockets)
+    describe: Optional[Describe] = None
 
 
 class ConnectionIdentifier:
@@ -47,15 +68,19 @@ class ConnectionIdentifier:
         self._dst = dst
         self._clock = clock
         self.attest = attest
+        self.containers: Optional[ContainerSide] = None
         # What admission learnt at accept (the original destination, the socket's owner), handed to the
         # identification of the same connection so that neither is asked of the kernel twice.
-        self._seen: dict[tuple[Address, Address], tuple[Optional[Address], Optional[SocketOwner]]] = {}
+        self._seen: dict[tuple[Address, Address], Seen] = {}
 
     def __call__(self, conn: Connection) -> Client:
         seen = self._seen.pop((conn.peer, conn.local), None)
+        side = self.containers
+        if side is not None and conn.local[1] == side.port:
+            return self._from_container(conn, side, seen)
         if self.attest is not None:
             return self._attested(conn, self.attest, seen[1] if seen is not None else None)
-        dst, owner = seen if seen is not None else (self._dst(conn), None)
+        dst, owner = (seen[0], seen[1]) if seen is not None else (self._dst(conn), None)
         started = time.monotonic()
         try:
             caller = self.identifier.identify(conn.peer, conn.local, dst, owner)
@@ -85,18 +110,80 @@ class ConnectionIdentifier:
             caller, dst = Caller.unknown(f"identification failed: {type(exc).__name__}"), None
         return Client(conn.peer, conn.local, dst, caller, self._clock(), time.monotonic() - started)
 
-    def peer_uid(self, conn: Connection) -> Optional[int]:
-        """The uid of the peer's socket (one sock_diag query, for admission at accept); None if not found."""
-        dst = self._dst(conn)
+    def _from_container(self, conn: Connection, side: ContainerSide, seen: Optional[Seen]) -> Client:
+        """A connection on the container listener: found in the container's namespace, or refused."""
+        started = time.monotonic()
+        dst = seen[0] if seen is not None else self._dst(conn)
+        refused = ""
+        if dst not in side.dialled:
+            refused = f"not a redirected container connection (it dialled {_show(dst)}): not served"
+            caller = Caller.unknown(refused)
+        else:
+            found, why = self._locate(conn, side, dst, seen)
+            if found is not None:
+                caller = self._container_caller(conn, side, dst, found)
+            elif why is not None:
+                caller = why
+            else:
+                refused = "no local container holds this connection's socket (another host?): not served"
+                caller = Caller.unknown(refused)
+        return Client(conn.peer, conn.local, dst, caller, self._clock(), time.monotonic() - started, refused)
+
+    def _locate(
+        self, conn: Connection, side: ContainerSide, dst: Address, seen: Optional[Seen]
+    ) -> tuple[Optional[NetnsSocket], Optional[Caller]]:
+        """The container namespace's socket, or the unidentified Caller saying why it could not be told."""
+        if seen is not None and seen[2] is not None:
+            return seen[2], None
         try:
-            owner = self.identifier.lookup.owner(conn.peer, dst or conn.local)
-        except OSError:
+            return side.sockets.find(conn.peer, dst, time.monotonic() + self.identifier.budget), None
+        except Ambiguous as exc:
+            return None, Caller.unknown(str(exc))
+        except OverBudget:
+            return None, Caller.unknown(f"{OVER_BUDGET} of {self.identifier.budget * 1000:.0f} ms")
+        except OSError as exc:
+            return None, Caller.unknown(f"container socket lookup failed: {exc.strerror or exc}")
+
+    def _container_caller(self, conn: Connection, side: ContainerSide, dst: Address, found: NetnsSocket) -> Caller:
+        if found.inode == 0:
+            return Caller.unknown("the client closed its socket before it could be identified", uid=found.uid)
+        try:
+            caller = self.identifier.identify(conn.peer, conn.local, dst, SocketOwner(found.uid, found.inode))
+            if caller.known and caller.pid is not None and side.sockets.netns_of_pid(caller.pid) != found.netns:
+                # The holder is not in the namespace the socket was found in: it moved, or the pid was reused.
+                return Caller.unknown("the socket's holder left the container's network namespace", uid=found.uid)
+            return side.describe(caller) if side.describe is not None and caller.known else caller
+        except Exception as exc:
+            log.exception("identifying the client of a container connection failed")
+            return Caller.unknown(f"identification failed: {type(exc).__name__}")
+
+    def peer_uid(self, conn: Connection) -> Optional[int]:
+        """The uid of the peer's socket (one sock_diag query, or one search of the containers' namespaces on the
+        container listener, for admission at accept); None if not found."""
+        dst = self._dst(conn)
+        side = self.containers
+        found: Optional[NetnsSocket] = None
+        owner: Optional[SocketOwner] = None
+        try:
+            if side is not None and conn.local[1] == side.port:
+                if dst in side.dialled:
+                    found = side.sockets.find(conn.peer, dst, time.monotonic() + self.identifier.budget)
+                    owner = SocketOwner(found.uid, found.inode) if found is not None else None
+            else:
+                owner = self.identifier.lookup.owner(conn.peer, dst or conn.local)
+        except (OSError, Ambiguous, OverBudget):
             return None
         if len(self._seen) >= SEEN_MAX:
             self._seen.clear()  # entries of connections refused at admission, never identified
-        self._seen[(conn.peer, conn.local)] = (dst, owner)
+        self._seen[(conn.peer, conn.local)] = (dst, owner, found)
         return owner.uid if owner is not None else None
 
     def close(self) -> None:
         """Release the identity lookup's netlink socket."""
         self.identifier.close()
+
+
+def _show(addr: Optional[Address]) -> str:
+    if addr is None:
+        return "the listener itself"
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"

@@ -91,8 +91,12 @@ class ProxyServer:
         report: Report = _discard,
         peer_uid: Optional[Callable[[Connection], Optional[int]]] = None,
         privileged: Callable[[], frozenset[int]] = frozenset,
+        container_port: Optional[int] = None,
     ):
         self.config = config
+        # The container listener: on every address, for connections the prerouting redirect hands over from
+        # containers' own namespaces (identify.py serves only those). None: no container listener.
+        self.container_port_wanted = container_port
         self.forwarder = forwarder
         self.identify = identify
         self.report = report
@@ -124,38 +128,51 @@ class ProxyServer:
         """Bind and listen on every address; raise AgentError naming the address that failed."""
         port = self.config.port
         for address in self.config.addresses:
-            family = socket.AF_INET6 if ":" in address else socket.AF_INET
-            try:
-                sock = socket.socket(family, socket.SOCK_STREAM)
-            except OSError as exc:
-                if _ipv6_unavailable(address, exc):
-                    log.warning("IPv6 is disabled on this host: not listening on [%s]", address)
-                    continue
-                raise
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind((address, port))
-                sock.listen(1024)
-            except OSError as exc:
-                sock.close()
-                if _ipv6_unavailable(address, exc):
-                    log.warning("IPv6 is disabled on this host: not listening on [%s]", address)
-                    continue
-                self.close()
-                host = f"[{address}]" if family == socket.AF_INET6 else address
-                why = exc.strerror or str(exc)
-                if exc.errno == errno.EADDRINUSE:
-                    holder = port_holder(port)
-                    why += f" (held by {holder})" if holder else " (by a process the agent cannot see)"
-                raise ListenError(f"cannot listen on {host}:{port}: {why}") from None
-            self._listeners.append(sock)
-            if port == 0:
-                # Listen on the same port everywhere so the redirect has one target port.
-                port = sock.getsockname()[1]
+            port = self._bind_one(address, port)
         if not self._listeners:
             raise ListenError(f"no listen address could be bound ({', '.join(self.config.addresses)})")
+        if self.container_port_wanted is not None:
+            cport = self.container_port_wanted
+            for address in ("0.0.0.0", "::"):
+                cport = self._bind_one(address, cport)
+            self._container_port = cport
+
+    @property
+    def container_port(self) -> Optional[int]:
+        """The container listener's port once bound (None without one)."""
+        return getattr(self, "_container_port", None)
+
+    def _bind_one(self, address: str, port: int) -> int:
+        """Listen on ``address``:``port``; return the port bound (a free one when ``port`` is 0), so that every
+        address of one listener has the same port and the redirect one target."""
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            if _ipv6_unavailable(address, exc):
+                log.warning("IPv6 is disabled on this host: not listening on [%s]", address)
+                return port
+            raise
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address, port))
+            sock.listen(1024)
+        except OSError as exc:
+            sock.close()
+            if _ipv6_unavailable(address, exc):
+                log.warning("IPv6 is disabled on this host: not listening on [%s]", address)
+                return port
+            self.close()
+            host = f"[{address}]" if family == socket.AF_INET6 else address
+            why = exc.strerror or str(exc)
+            if exc.errno == errno.EADDRINUSE:
+                holder = port_holder(port)
+                why += f" (held by {holder})" if holder else " (by a process the agent cannot see)"
+            raise ListenError(f"cannot listen on {host}:{port}: {why}") from None
+        self._listeners.append(sock)
+        return int(sock.getsockname()[1])
 
     def start(self) -> None:
         """Bind if needed and start accepting in a background thread."""
@@ -360,10 +377,11 @@ class ProxyServer:
 
 
 def _ipv6_unavailable(address: str, exc: OSError) -> bool:
-    """Whether binding IPv6 loopback failed because the host has IPv6 switched off (ipv6.disable=1 or
-    disable_ipv6 on lo): a host choice the agent follows, unlike any other failure to listen."""
-    loopback = ipaddress.ip_address(address) == ipaddress.IPv6Address("::1")
-    return loopback and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)
+    """Whether binding IPv6 (loopback, or the container listener's any-address) failed because the host has IPv6
+    switched off (ipv6.disable=1 or disable_ipv6 on lo): a host choice the agent follows, unlike any other failure
+    to listen."""
+    v6 = ipaddress.ip_address(address) in (ipaddress.IPv6Address("::1"), ipaddress.IPv6Address("::"))
+    return v6 and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)
 
 
 def _gone(sock: socket.socket) -> bool:

@@ -51,6 +51,9 @@ class Client:
     caller: Caller
     identified_at: float
     identify_seconds: float = 0.0  # what finding the caller took
+    # Why every request on this connection is refused in every mode, never judged or forwarded: set for a
+    # connection on the container listener that no local container made ('' : none).
+    refused: str = ""
 
     @classmethod
     def unidentified(cls, peer: Address, local: Address, reason: str, when: float, uid: Optional[int] = None) -> Client:

@@ -69,6 +69,8 @@ class Backend(Protocol):
     name: str
     #: Capabilities (privileges.CAP_*) the running agent keeps to repair and inspect these rules.
     capabilities: tuple[int, ...]
+    #: Whether it carries ``container_ifaces`` (the prerouting redirect for containers' own namespaces).
+    containers: bool
 
     def can_own(self) -> bool:
         """Whether the rules can belong to this process, so that the kernel removes them when it dies (fail_mode

@@ -221,6 +221,8 @@ class EbpfBackend:
 
     name = "ebpf"
 
+    containers = False  # its hooks see container sockets, but rewrite towards loopback only so far
+
     def __init__(self, cgroup: Optional[str] = None) -> None:
         self.cgroup = cgroup if cgroup is not None else default_cgroup()
         self.capabilities: tuple[int, ...] = kernel_capabilities()

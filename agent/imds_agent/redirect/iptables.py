@@ -84,6 +84,7 @@ class IptablesBackend:
     name = "iptables"
     # libiptc talks to the kernel through a raw socket, so repairs need CAP_NET_RAW as well.
     capabilities: tuple[int, ...] = (CAP_NET_ADMIN, CAP_NET_RAW)
+    containers = False  # not yet: containers.enabled needs nftables
 
     def __init__(self) -> None:
         self._reason = ""

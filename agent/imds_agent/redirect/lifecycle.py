@@ -19,15 +19,23 @@ import time
 from typing import Any, Callable, Optional
 
 from ..config import RedirectConfig, UpstreamConfig
-from ..errors import AgentError
+from ..errors import AgentError, RedirectError
 from .base import Backend, RedirectSpec
 from .registry import select_backend
 
 log = logging.getLogger(__name__)
 
 
-def spec_for(redirect: RedirectConfig, upstream: UpstreamConfig, exempt_uid: int, listen_port: int) -> RedirectSpec:
-    """The redirect the configuration asks for, towards a listener on ``listen_port``. IPv6 is left out on a
+def spec_for(
+    redirect: RedirectConfig,
+    upstream: UpstreamConfig,
+    exempt_uid: int,
+    listen_port: int,
+    container_ifaces: tuple[str, ...] = (),
+    container_port: int = 0,
+) -> RedirectSpec:
+    """The redirect the configuration asks for, towards a listener on ``listen_port`` (and, for connections
+    entering on ``container_ifaces``, the container listener on ``container_port``). IPv6 is left out on a
     host that has it switched off: the agent cannot listen on [::1] there, so a rule would only refuse clients."""
     with_ipv6 = redirect.ipv6 and ipv6_loopback_available()
     if redirect.ipv6 and not with_ipv6:
@@ -39,6 +47,8 @@ def spec_for(redirect: RedirectConfig, upstream: UpstreamConfig, exempt_uid: int
         ipv6=upstream.ipv6,
         port=upstream.port,
         with_ipv6=with_ipv6,
+        container_ifaces=container_ifaces if container_port else (),
+        container_port=container_port,
     )
 
 
@@ -82,6 +92,11 @@ class Interception:
 
     def install(self) -> float:
         """Apply the rules (and arm the guardian first where one is needed); return the time taken in seconds."""
+        if self.spec.container_ifaces and not self.backend.containers:
+            raise RedirectError(
+                f"containers.enabled needs the nftables backend; {self.backend.name} does not intercept containers "
+                "yet (set redirect.backend: nftables, or containers.enabled: false)"
+            )
         if self.fail_open and not self.owned:
             from .guardian import start_guardian
 

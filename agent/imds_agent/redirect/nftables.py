@@ -162,6 +162,7 @@ class NftablesBackend:
 
     name = "nftables"
     capabilities: tuple[int, ...] = (CAP_NET_ADMIN,)
+    containers = True
 
     def __init__(self) -> None:
         self._sock: Optional[socket.socket] = None

@@ -53,9 +53,15 @@ class Emulator:
         addresses: Optional[list[tuple[str, int]]] = None,
         role: str = "imds-agent-demo-role",
         user_data: Optional[str] = None,
+        hop_limit: int = 1,
     ):
         if tokens not in ("required", "optional"):
             raise ValueError(f"tokens must be required or optional, not {tokens!r}")
+        if not 1 <= hop_limit <= 64:
+            raise ValueError(f"hop_limit must be 1..64, not {hop_limit}")
+        # HttpPutResponseHopLimit: the token PUT's answer leaves with this IP TTL (IPv6 hop limit), so a client
+        # more routed hops away than this (a container behind the host's bridge, at the default 1) never gets it.
+        self.hop_limit = hop_limit
         self.tokens_required = tokens == "required"
         self.bind = addresses or [("127.0.0.1", 0)]
         self.role = role
@@ -227,7 +233,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(400)
             return
         token = self.emu.issue(int(ttl))
+        self._limit_hops()
         self._send(200, token, {TTL_HEADER: str(int(ttl))})
+
+    def _limit_hops(self) -> None:
+        """Send the rest of this connection, the PUT's answer first, with the hop limit as TTL. It stays so:
+        a retransmission with a larger TTL would deliver what the limit is there to stop."""
+        sock = self.connection
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, self.emu.hop_limit)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, self.emu.hop_limit)
 
     def do_GET(self, head: bool = False) -> None:
         if self._dropped():
@@ -292,10 +308,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--control", metavar="PATH", help="Unix socket for counters, reset and faults")
     parser.add_argument("--role", default="imds-agent-demo-role")
     parser.add_argument("--user-data", default=None)
+    parser.add_argument("--hop-limit", type=int, default=1, help="HttpPutResponseHopLimit (IP TTL of PUT answers)")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, stream=sys.stderr)
-    emu = Emulator(args.tokens, args.listen, args.role, args.user_data)
+    emu = Emulator(args.tokens, args.listen, args.role, args.user_data, args.hop_limit)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -5,7 +5,11 @@
     no default route: anything else fails at once      the emulator listens on :80, tokens required
 
 The agent, its kernel rules and the clients live in the host namespace; clients run as other uids through
-setpriv. Teardown kills every process the sandbox started (by pid: a namespace with live processes stays around)
+setpriv. ``add_container`` adds namespaces that stand for containers with networks of their own: each behind a
+bridge ``docker0`` (172.30.0.1/24) in the host namespace, one routed hop from the metadata service, as on an
+instance (the emulator's hop limit then really keeps its token answers from them).
+
+Teardown kills every process the sandbox started (by pid: a namespace with live processes stays around)
 and deletes both namespaces, each step on its own so that one failure does not leave the rest behind.
 """
 
@@ -37,6 +41,7 @@ PREFIX = "imds-sbx-"
 IFA_F_NODAD = 0x02
 HOST_V4, IMDS_V4 = "169.254.0.1", "169.254.169.254"
 HOST_V6, IMDS_V6 = "fd00:ec2::1", "fd00:ec2::254"
+BRIDGE, BRIDGE_V4, BRIDGE_NET = "docker0", "172.30.0.1", "172.30.0.0/24"
 
 
 def _netns_pids(name: str) -> list[int]:
@@ -85,6 +90,7 @@ class Sandbox:
         emulator: bool = True,
         workdir: Optional[str] = None,
         ministack: Optional[str] = None,
+        hop_limit: int = 1,
     ):
         """``ministack``: path of a ministack executable to serve as the metadata service instead of the emulator
         (IMDSv2 required), behind a counting tap; its counters come through ``emulator_control`` all the same."""
@@ -92,6 +98,8 @@ class Sandbox:
         self.host_ns = f"{PREFIX}{ident}-host"
         self.imds_ns = f"{PREFIX}{ident}-imds"
         self.tokens = tokens
+        self.hop_limit = hop_limit
+        self.containers: dict[str, str] = {}  # container name -> its namespace
         self.with_emulator = emulator
         self.ministack = ministack
         self._own_workdir = workdir is None
@@ -142,8 +150,45 @@ class Sandbox:
 
     def _start_emulator(self) -> None:
         argv = [sys.executable, "-m", "imds_agent.sandbox.emulator", "--listen", f"{IMDS_V4}:80",
-                "--listen", f"[{IMDS_V6}]:80", "--tokens", self.tokens, "--control", self.control_path]  # fmt: skip
+                "--listen", f"[{IMDS_V6}]:80", "--tokens", self.tokens, "--control", self.control_path,
+                "--hop-limit", str(self.hop_limit)]  # fmt: skip
         self._start_and_wait(argv)
+
+    def add_container(self, name: str, address: str) -> str:
+        """A namespace standing for a container with its own network: ``address`` (in 172.30.0.0/24) on its
+        eth0, a veth to the host namespace's bridge, the bridge as its default route. Returns the namespace."""
+        ns = f"{self.host_ns[: -len('host')]}{name}"
+        if not self.containers:
+            self._bridge()
+        netns.create(ns)
+        self._created.append(ns)
+        self.containers[name] = ns
+        host_if = f"vc-{name}"[:15]
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": "eth0", "net_ns_fd": ns})
+            idx = ipr.link_lookup(ifname=host_if)[0]
+            ipr.link("set", index=idx, net_ns_fd=self.host_ns)
+        with IPRoute(netns=self.host_ns) as ipr:
+            idx = ipr.link_lookup(ifname=host_if)[0]
+            ipr.link("set", index=idx, master=ipr.link_lookup(ifname=BRIDGE)[0], state="up")
+        with IPRoute(netns=ns) as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+            idx = ipr.link_lookup(ifname="eth0")[0]
+            ipr.addr("add", index=idx, address=address, prefixlen=24)
+            ipr.link("set", index=idx, state="up")
+            ipr.route("add", dst="0.0.0.0/0", gateway=BRIDGE_V4)
+        return ns
+
+    def _bridge(self) -> None:
+        """The host side of the containers' network: the bridge, forwarding on, the way back from the service."""
+        with IPRoute(netns=self.host_ns) as ipr:
+            ipr.link("add", ifname=BRIDGE, kind="bridge")
+            idx = ipr.link_lookup(ifname=BRIDGE)[0]
+            ipr.addr("add", index=idx, address=BRIDGE_V4, prefixlen=24)
+            ipr.link("set", index=idx, state="up")
+        self.run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"], check=True)
+        with IPRoute(netns=self.imds_ns) as ipr:
+            ipr.route("add", dst=BRIDGE_NET, gateway=HOST_V4)
 
     def _start_ministack(self, executable: str) -> None:
         env = {"SERVICES": "imds", "MINISTACK_IMDS_V2_REQUIRED": "1", "GATEWAY_PORT": "4566",
@@ -175,7 +220,7 @@ class Sandbox:
 
     # --- running things -----------------------------------------------------------------------------------------
     def _argv(self, argv: Sequence[str], ns: str, uid: Optional[int], gid: Optional[int]) -> list[str]:
-        name = self.host_ns if ns == "host" else self.imds_ns
+        name = {"host": self.host_ns, "imds": self.imds_ns}.get(ns) or self.containers[ns]
         prefix = ["ip", "netns", "exec", name]
         if uid is not None:
             g = uid if gid is None else gid

@@ -8,13 +8,17 @@ from typing import Optional
 import pytest
 
 from imds_agent.identity.caller import Caller
-from imds_agent.proxy.identify import ConnectionIdentifier
+from imds_agent.identity.netns import Ambiguous, NetnsSocket
+from imds_agent.identity.sockets import SocketOwner
+from imds_agent.proxy.identify import ConnectionIdentifier, ContainerSide
 from imds_agent.proxy.server import Connection
 
 CURL = Caller(True, 10, "/usr/bin/curl", 1000)
 
 
 class FakeIdentifier:
+    budget = 0.25
+
     def __init__(self, result: Optional[Caller] = None) -> None:
         self.result = result
         self.asked: list[tuple[object, ...]] = []
@@ -117,3 +121,68 @@ def test_an_attesting_backend_is_asked_by_the_cookie_admission_already_has() -> 
     assert asked == [0xC00C1E] and Lookup.calls == 1  # one sock_diag query for admission and attestation
     Owner.cookie = 7  # a socket with no record (connected before the hooks)
     assert hook(CONN).caller.reason.startswith("no connect record")
+
+
+# --- the container listener -----------------------------------------------------------------------------------------
+
+IMDS = ("169.254.169.254", 80)
+FROM_CONTAINER = Connection(None, ("172.17.0.2", 40000), ("172.17.0.1", 969))  # type: ignore[arg-type]
+
+
+class FakeNetns:
+    def __init__(self, found: Optional[NetnsSocket] = None, error: Optional[Exception] = None, holder_ns: int = 7):
+        self.found, self.error, self.holder_ns = found, error, holder_ns
+        self.asked: list[tuple[object, object]] = []
+
+    def find(self, peer: object, dialled: object, deadline: object = None) -> Optional[NetnsSocket]:
+        self.asked.append((peer, dialled))
+        if self.error is not None:
+            raise self.error
+        return self.found
+
+    def netns_of_pid(self, pid: int) -> int:
+        return self.holder_ns
+
+
+def container_hook(netns_: FakeNetns, result: Optional[Caller] = CURL, dst: object = IMDS) -> ConnectionIdentifier:
+    hook = ConnectionIdentifier(FakeIdentifier(result), dst=lambda c: dst)  # type: ignore[arg-type,return-value]
+    hook.containers = ContainerSide(969, frozenset({IMDS}), netns_)  # type: ignore[arg-type]
+    return hook
+
+
+def test_a_container_connection_is_identified_from_the_socket_in_its_namespace() -> None:
+    found = NetnsSocket(netns=7, pid=55, uid=1000, inode=4242)
+    hook = container_hook(FakeNetns(found))
+    client = hook(FROM_CONTAINER)
+    assert client.caller == CURL and client.refused == ""
+    ident = hook.identifier
+    assert ident.owners == [SocketOwner(1000, 4242)]  # type: ignore[attr-defined]
+
+
+def test_a_connection_no_local_namespace_holds_is_refused_in_every_mode() -> None:
+    client = container_hook(FakeNetns(None))(FROM_CONTAINER)
+    assert not client.caller.known and "no local container holds" in client.refused
+
+
+def test_a_connection_that_did_not_dial_the_metadata_service_is_refused_without_a_search() -> None:
+    finder = FakeNetns(NetnsSocket(7, 55, 1000, 4242))
+    client = container_hook(finder, dst=("172.17.0.1", 969))(FROM_CONTAINER)
+    assert "not a redirected container connection (it dialled 172.17.0.1:969)" in client.refused
+    assert finder.asked == []
+
+
+def test_an_ambiguous_socket_is_unidentified_but_not_refused() -> None:
+    # It came from a local container, only which one is unknown: policy.unknown decides, as for any such caller.
+    client = container_hook(FakeNetns(error=Ambiguous("in 2 network namespaces")))(FROM_CONTAINER)
+    assert not client.caller.known and "2 network namespaces" in client.caller.reason and client.refused == ""
+
+
+def test_a_holder_outside_the_sockets_namespace_is_not_trusted() -> None:
+    client = container_hook(FakeNetns(NetnsSocket(7, 55, 1000, 4242), holder_ns=8))(FROM_CONTAINER)
+    assert not client.caller.known and "left the container's network namespace" in client.caller.reason
+
+
+def test_the_host_listener_is_not_searched_in_containers() -> None:
+    finder = FakeNetns(NetnsSocket(7, 55, 1000, 4242))
+    hook = container_hook(finder)
+    assert hook(CONN).caller == CURL and finder.asked == []

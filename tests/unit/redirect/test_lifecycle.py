@@ -8,7 +8,7 @@ from typing import Optional
 import pytest
 
 from imds_agent.config import RedirectConfig, UpstreamConfig
-from imds_agent.errors import ConfigError
+from imds_agent.errors import ConfigError, RedirectError
 from imds_agent.redirect import guardian
 from imds_agent.redirect.base import CheckResult, RedirectSpec, State
 from imds_agent.redirect.lifecycle import Interception, remove_on_stop, spec_for
@@ -17,9 +17,10 @@ from imds_agent.redirect.lifecycle import Interception, remove_on_stop, spec_for
 class FakeBackend:
     capabilities = (12,)
 
-    def __init__(self, name: str, owns: bool = True):
+    def __init__(self, name: str, owns: bool = True, containers: bool = True):
         self.name = name
         self.owns = owns
+        self.containers = containers
         self.calls: list[str] = []
 
     def can_own(self) -> bool:
@@ -43,6 +44,23 @@ def test_spec_follows_the_configuration() -> None:
     spec = spec_for(RedirectConfig(ipv6=False), UpstreamConfig(port=8080), exempt_uid=990, listen_port=9000)
     assert (spec.exempt_uid, spec.listen_port, spec.port, spec.with_ipv6) == (990, 9000, 8080, False)
     assert spec.ipv4 == "169.254.169.254" and spec.ipv6 == "fd00:ec2::254"
+
+
+def test_container_interfaces_reach_the_spec_only_with_a_container_listener() -> None:
+    up = UpstreamConfig()
+    spec = spec_for(RedirectConfig(), up, 990, 968, ("docker*",), 969)
+    assert (spec.container_ifaces, spec.container_port) == (("docker*",), 969)
+    assert spec_for(RedirectConfig(), up, 990, 968, ("docker*",), 0).container_ifaces == ()
+
+
+def test_a_backend_that_cannot_intercept_containers_refuses_a_container_spec_before_any_rule() -> None:
+    # Containers would silently bypass the agent: refusing to start says so instead.
+    backend = FakeBackend("iptables", containers=False)
+    spec = RedirectSpec(exempt_uid=990, listen_port=968, container_ifaces=("docker*",), container_port=969)
+    icpt = Interception(RedirectConfig(fail_mode="closed", reconcile_interval=0), spec, backend)  # type: ignore[arg-type]
+    with pytest.raises(RedirectError, match="containers.enabled needs the nftables backend; iptables"):
+        icpt.install()
+    assert backend.calls == []
 
 
 @pytest.mark.parametrize(

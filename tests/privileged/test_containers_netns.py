@@ -1,0 +1,131 @@
+"""Containers with network namespaces of their own, on the nftables backend: namespaces behind a bridge in the
+sandbox's host namespace, one routed hop from the metadata service, as containers are on an instance.
+
+What the hop limit does to them without the agent, what the agent gives them, and how the container listener
+refuses everyone the redirect did not send it from a local container (another host on the bridge's segment, a
+container dialling the listener itself, a host process).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+from pyroute2 import netns
+
+from imds_agent.sandbox.agentproc import AgentProcess
+from imds_agent.sandbox.netns import BRIDGE_V4, Sandbox, wait_for
+
+pytestmark = pytest.mark.privileged
+NOBODY = 65534
+BASE = "http://169.254.169.254/latest"
+TTL = "X-aws-ec2-metadata-token-ttl-seconds: 60"
+CONTAINERS = "containers: {enabled: true}\n"
+
+
+@pytest.fixture
+def sbx() -> Iterator[Sandbox]:
+    with Sandbox() as sandbox:
+        sandbox.add_container("web", "172.30.0.2")
+        yield sandbox
+
+
+def curl(sbx: Sandbox, ns: str, *args: str, uid: int = NOBODY, timeout: float = 3) -> tuple[int, str, str]:
+    """(curl's exit code, HTTP status, body) for a request made in namespace ``ns``."""
+    argv = ["curl", "-s", "-w", "\n%{http_code}", "--max-time", str(timeout), *args]
+    proc = sbx.run(argv, uid=uid, ns=ns, timeout=timeout + 10)
+    body, _, status = proc.stdout.rpartition("\n")
+    return proc.returncode, status, body
+
+
+def imdsv2(sbx: Sandbox, ns: str, path: str) -> tuple[int, str, str]:
+    """A token PUT, then a GET with it, as an IMDSv2 client does."""
+    code, status, token = curl(sbx, ns, "-X", "PUT", "-H", TTL, f"{BASE}/api/token")
+    if status != "200":
+        return code, status, token
+    return curl(sbx, ns, "-H", f"X-aws-ec2-metadata-token: {token}", f"{BASE}/{path}")
+
+
+def records(agent: AgentProcess) -> list[dict[str, object]]:
+    with open(f"{agent.sbx.workdir}/audit/audit.jsonl", encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def wait_records(agent: AgentProcess, count: int) -> list[dict[str, object]]:
+    assert wait_for(lambda: len(records(agent)) >= count, 5), records(agent)
+    return records(agent)
+
+
+def test_hop_limit_1_starves_a_container_without_the_agent_and_the_agent_serves_it(sbx: Sandbox) -> None:
+    # Without the agent: the token's answer leaves with TTL 1 and dies at the host's bridge; IMDSv1 is refused.
+    started = time.monotonic()
+    code, status, _ = curl(sbx, "web", "-X", "PUT", "-H", TTL, f"{BASE}/api/token", timeout=2)
+    assert (code, status) == (28, "000"), "the token PUT should time out one routed hop away"
+    assert time.monotonic() - started >= 1.9
+    assert curl(sbx, "web", f"{BASE}/meta-data/instance-id")[1] == "401"
+    assert sbx.emulator_control.counters()["token_puts"] == 1  # it did arrive: only the answer was lost
+
+    agent = AgentProcess(sbx, mode="enforce", backend="nftables", extra=CONTAINERS).start()
+    try:
+        code, status, body = curl(sbx, "web", f"{BASE}/meta-data/instance-id")
+        assert (status, body) == ("200", "i-0e1a2b3c4d5e6f708"), (code, status, body, agent.log()[-2000:])
+        assert imdsv2(sbx, "web", "meta-data/instance-id")[1:] == ("200", "i-0e1a2b3c4d5e6f708")
+        # A container no rule names gets the default: non-sensitive metadata, never the role's credentials.
+        code, status, body = curl(sbx, "web", f"{BASE}/meta-data/iam/security-credentials/")
+        assert status == "403" and "uid=65534" in body
+        assert curl(sbx, "host", f"{BASE}/meta-data/instance-id")[1] == "200"  # host clients as before
+        got = wait_records(agent, 5)
+        from_web = [r for r in got if r["path"] == "/latest/meta-data/instance-id" and r["imds"] == "v1"]
+        assert from_web and from_web[0]["exe"] == "/usr/bin/curl" and from_web[0]["uid"] == NOBODY
+        assert from_web[0]["identified"] is True and from_web[0]["decision"] == "allow"
+    finally:
+        agent.stop()
+
+
+def test_the_container_listener_serves_only_local_containers_the_redirect_sent(sbx: Sandbox) -> None:
+    agent = AgentProcess(sbx, mode="audit", backend="nftables", extra=CONTAINERS).start()
+    try:
+        # Another host on the bridge's segment, routing 169.254.169.254 through this one: its socket lives in a
+        # network stack no process of this host is in (here a namespace with no process, where the test opens
+        # the socket and leaves), so no local container holds it. Refused in audit mode too, never forwarded.
+        before = sbx.emulator_control.counters().get("requests", 0)
+        other = sbx.add_container("other", "172.30.0.9")
+        netns.pushns(other)
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        finally:
+            netns.popns()
+        with sock:
+            sock.settimeout(3)
+            sock.connect(("169.254.169.254", 80))
+            sock.sendall(b"GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n")
+            answer = sock.recv(4096).decode()
+        assert answer.startswith("HTTP/1.1 403") and "no local container holds" in answer
+        # A container dialling the listener itself (not the metadata service), and a host process doing so.
+        code, status, body = curl(sbx, "web", f"http://{BRIDGE_V4}:969/latest/meta-data/instance-id")
+        assert status == "403" and "not a redirected container connection" in body
+        assert curl(sbx, "host", "http://127.0.0.1:969/latest/meta-data/instance-id")[1] == "403"
+        assert sbx.emulator_control.counters().get("requests", 0) == before  # none of them went upstream
+        refused = [r for r in wait_records(agent, 3) if r["decision"] == "refused"]
+        assert len(refused) == 3 and all(r["identified"] is False for r in refused)
+        assert {str(r["reason"]).split(" (")[0] for r in refused} == {
+            "no local container holds this connection's socket",
+            "not a redirected container connection",
+        }
+        # The container's own redirected request is still served, and judged as what enforce would do.
+        assert curl(sbx, "web", f"{BASE}/meta-data/iam/security-credentials/")[1] == "200"
+        last = wait_records(agent, 4)[-1]
+        assert last["decision"] == "would-deny" and last["exe"] == "/usr/bin/curl"
+    finally:
+        agent.stop()
+
+
+def test_a_backend_that_cannot_intercept_containers_refuses_to_start(sbx: Sandbox) -> None:
+    agent = AgentProcess(sbx, backend="iptables", extra=CONTAINERS)
+    with pytest.raises(RuntimeError, match="containers.enabled needs the nftables backend"):
+        agent.start()
+    # Nothing was left behind: no rule sends anyone to a listener that is gone.
+    assert "IMDS_AGENT" not in sbx.run(["iptables-legacy-save", "-t", "nat"]).stdout

@@ -1,0 +1,141 @@
+"""Finding a client's socket in another network namespace, against a /proc tree made for the test."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imds_agent.identity.netns import Ambiguous, NetnsSockets, needle, parse_line
+from imds_agent.identity.procs import OverBudget
+
+IMDS = ("169.254.169.254", 80)
+HEADER = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+
+
+def line(local: tuple[str, int], remote: tuple[str, int], uid: int, inode: int, state: str = "01") -> str:
+    cols = needle(local, remote).split()
+    rest = f"{state} 00000000:00000000 00:00000000 00000000 {uid:>5} 0 {inode} 1 0 20 4 30 10 -1"
+    return f"   0: {cols[0]} {cols[1]} {rest}\n"
+
+
+class FakeProc:
+    """A /proc with processes in namespaces: each namespace is a file whose inode stands for the namespace's."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        (root / "nsfiles").mkdir()
+        self.add_process("self", "host")
+
+    def ns(self, name: str) -> Path:
+        path = self.root / "nsfiles" / name
+        path.touch()
+        return path
+
+    def add_process(self, pid: str, netns: str, tcp: str = "", tcp6: str = "") -> None:
+        (self.root / pid / "ns").mkdir(parents=True, exist_ok=True)
+        (self.root / pid / "net").mkdir(exist_ok=True)
+        link = self.root / pid / "ns" / "net"
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(self.ns(netns))
+        (self.root / pid / "net" / "tcp").write_text(HEADER + tcp)
+        (self.root / pid / "net" / "tcp6").write_text(HEADER + tcp6)
+
+    def inode(self, netns: str) -> int:
+        return os.stat(self.ns(netns)).st_ino
+
+
+@pytest.fixture
+def proc(tmp_path: Path) -> FakeProc:
+    return FakeProc(tmp_path)
+
+
+def test_needle_is_how_the_kernel_prints_the_addresses() -> None:
+    # /proc/net/tcp prints each 32-bit word of the address in host byte order.
+    word = struct.unpack("=I", socket.inet_aton("127.0.0.1"))[0]
+    assert needle(("127.0.0.1", 56336), ("127.0.0.1", 5555)) == f" {word:08X}:DC10 {word:08X}:15B3 "
+    six = needle(("fd00:ec2::1", 1), ("fd00:ec2::254", 80))
+    assert len(six.split()[0]) == 32 + 5 and six.split()[1].endswith(":0050")
+
+
+def test_the_socket_is_found_in_the_namespace_that_holds_it(proc: FakeProc) -> None:
+    proc.add_process("100", "host")
+    proc.add_process("200", "web", tcp=line(("172.17.0.2", 40000), IMDS, 1000, 777))
+    proc.add_process("300", "db", tcp=line(("172.17.0.3", 40000), IMDS, 1001, 888))
+    found = NetnsSockets(str(proc.root)).find(("172.17.0.2", 40000), IMDS)
+    assert found is not None
+    assert (found.netns, found.pid, found.uid, found.inode) == (proc.inode("web"), 200, 1000, 777)
+
+
+def test_the_agents_own_namespace_is_never_searched(proc: FakeProc) -> None:
+    # A host socket with that tuple is the agent's side of some other connection, not a container's client.
+    proc.add_process("100", "host", tcp=line(("172.17.0.2", 40000), IMDS, 0, 5))
+    assert NetnsSockets(str(proc.root)).find(("172.17.0.2", 40000), IMDS) is None
+
+
+def test_an_address_alone_identifies_nobody(proc: FakeProc) -> None:
+    # Same source address, another port or another destination: not this connection's socket.
+    proc.add_process("200", "web", tcp=line(("172.17.0.2", 40001), IMDS, 1000, 777)
+                     + line(("172.17.0.2", 40000), ("169.254.169.253", 80), 1000, 778))  # fmt: skip
+    assert NetnsSockets(str(proc.root)).find(("172.17.0.2", 40000), IMDS) is None
+
+
+def test_a_socket_in_two_namespaces_is_ambiguous(proc: FakeProc) -> None:
+    # A container with CAP_NET_ADMIN can take another container's address; neither is then trusted.
+    proc.add_process("200", "web", tcp=line(("172.17.0.2", 40000), IMDS, 1000, 777))
+    proc.add_process("300", "evil", tcp=line(("172.17.0.2", 40000), IMDS, 1001, 888))
+    with pytest.raises(Ambiguous, match="2 network namespaces"):
+        NetnsSockets(str(proc.root)).find(("172.17.0.2", 40000), IMDS)
+
+
+def test_the_last_namespace_is_tried_first_and_only_trusted_with_the_exact_socket(proc: FakeProc) -> None:
+    proc.add_process("200", "web", tcp=line(("172.17.0.2", 40000), IMDS, 1000, 777))
+    finder = NetnsSockets(str(proc.root))
+    assert finder.find(("172.17.0.2", 40000), IMDS) is not None
+    # The address moved to another namespace (container churn): the remembered one no longer holds the socket.
+    proc.add_process("200", "web", tcp="")
+    proc.add_process("400", "new", tcp=line(("172.17.0.2", 40002), IMDS, 1002, 999))
+    found = finder.find(("172.17.0.2", 40002), IMDS)
+    assert found is not None and (found.pid, found.inode) == (400, 999)
+
+
+def test_a_process_that_left_the_namespace_while_it_was_read_is_not_trusted(
+    proc: FakeProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proc.add_process("200", "web", tcp=line(("172.17.0.2", 40000), IMDS, 1000, 777))
+    finder = NetnsSockets(str(proc.root))
+    real_open = open
+
+    def moving_open(path: str, *args: Any, **kwargs: Any) -> Any:
+        fh = real_open(path, *args, **kwargs)
+        if str(path).endswith("/200/net/tcp"):
+            proc.add_process("200", "elsewhere")  # the pid exits and is reused in another namespace meanwhile
+        return fh
+
+    monkeypatch.setattr("builtins.open", moving_open)
+    assert finder.find(("172.17.0.2", 40000), IMDS) is None
+
+
+def test_ipv6_sockets_are_read_from_tcp6(proc: FakeProc) -> None:
+    peer = ("fd00:172::2", 40000)
+    proc.add_process("200", "web", tcp6=line(peer, ("fd00:ec2::254", 80), 1000, 321))
+    found = NetnsSockets(str(proc.root)).find(peer, ("fd00:ec2::254", 80))
+    assert found is not None and found.inode == 321
+
+
+def test_time_wait_has_no_owner() -> None:
+    text = HEADER + line(("172.17.0.2", 40000), IMDS, 0, 0, state="06")
+    assert parse_line(text, needle(("172.17.0.2", 40000), IMDS)) == (0, 0)
+    assert parse_line(text, needle(("172.17.0.9", 40000), IMDS)) is None
+
+
+def test_the_search_keeps_to_its_deadline(proc: FakeProc) -> None:
+    for n in range(300):
+        proc.add_process(str(1000 + n), f"ns{n}")
+    with pytest.raises(OverBudget):
+        NetnsSockets(str(proc.root)).find(("172.17.0.2", 40000), IMDS, deadline=0.0)
