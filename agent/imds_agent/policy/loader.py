@@ -12,6 +12,9 @@ A policy file:
         sensitive: [credentials]     # credentials | identity-credentials | user-data | all
         inject_token: true           # false: the caller must speak IMDSv2 itself
         in_containers: false         # true: exe paths are inside containers' images (not the host's files)
+      - name: billing-web
+        container: {image: "registry.example.com/billing/*:*", name: "web-*", labels: {team: billing}}
+        pod: {namespace: payments, name: "exporter-*"}   # either or both; exe is then optional (any executable)
 
 Loading never half-succeeds: the whole directory parses or nothing changes (the caller keeps the old policy).
 """
@@ -25,12 +28,16 @@ from typing import Any
 
 from .. import yamlsrc
 from ..errors import ConfigError
-from .model import DEFAULT_SETTING, UNKNOWN_SETTING, Policy, Rule
+from ..identity.containers import RUNTIMES
+from .model import ANY_EXE, DEFAULT_SETTING, UNKNOWN_SETTING, Policy, Rule, WorkloadPattern
 from .paths import SENSITIVE_CLASSES
 
 RULE_KEYS = {"name", "exe", "uid", "user", "cmdline", "sha256", "paths", "sensitive", "inject_token", "in_containers",
-             "refuse_preload"}  # fmt: skip
+             "refuse_preload", "container", "pod"}  # fmt: skip
+CONTAINER_KEYS = ("image", "name", "labels", "runtime")
+POD_KEYS = ("namespace", "name", "service_account")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_GLOB = re.compile(r"[*?]")
 
 
 def policy_files(directory: str) -> list[str]:
@@ -87,10 +94,11 @@ def _rule(doc: yamlsrc.Document, i: int, item: Any) -> Rule:
     for key in item:
         if key not in RULE_KEYS:
             raise doc.error(kp + (key,), f"unknown key (allowed: {', '.join(sorted(RULE_KEYS))})")
-    if "exe" not in item:
-        raise doc.error(kp, "a rule needs 'exe' (the executable path or glob it is about)")
-    exe = _strings(doc, kp + ("exe",), item["exe"])
-    for pattern in exe:
+    workload = _workload(doc, kp, item)
+    if "exe" not in item and workload is None:
+        raise doc.error(kp, "a rule needs 'exe' (the executable path or glob it is about), or 'container' or 'pod'")
+    exe = _strings(doc, kp + ("exe",), item["exe"]) if "exe" in item else ANY_EXE
+    for pattern in exe if "exe" in item else ():
         if not pattern.startswith("/"):
             raise doc.error(kp + ("exe",), f"must be an absolute path or glob: {pattern!r}")
     uids: tuple[int, ...] = ()
@@ -124,6 +132,9 @@ def _rule(doc: yamlsrc.Document, i: int, item: Any) -> Rule:
     in_containers = item.get("in_containers", False)
     if not isinstance(in_containers, bool):
         raise doc.error(kp + ("in_containers",), "must be true or false")
+    if workload is not None and "in_containers" in item:
+        raise doc.error(kp + ("in_containers",), "a container or pod rule's exe is always the path inside the "
+                        "container: drop in_containers")  # fmt: skip
     refuse_preload = item.get("refuse_preload", False)
     if not isinstance(refuse_preload, bool):
         raise doc.error(kp + ("refuse_preload",), "must be true or false")
@@ -133,6 +144,68 @@ def _rule(doc: yamlsrc.Document, i: int, item: Any) -> Rule:
     source = f"{doc.path}:{doc.line_of(kp) or '?'}"
     try:
         return Rule(name, exe, source, uids, users, cmdline, sha256, paths, sensitive, inject, in_containers,
-                    refuse_preload)  # fmt: skip
+                    refuse_preload, workload)  # fmt: skip
     except (ValueError, re.error) as exc:
         raise ConfigError(str(exc), path=doc.path, line=doc.line_of(kp), key=yamlsrc.dotted(kp)) from None
+
+
+def _glob(doc: yamlsrc.Document, kp: yamlsrc.KeyPath, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        hint = " (YAML read a bare value as a number: quote it)" if number else ""
+        raise doc.error(kp, f"must be a non-empty string (a glob){hint}")
+    return value
+
+
+def _section(doc: yamlsrc.Document, kp: yamlsrc.KeyPath, value: Any, keys: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(value, dict) or not value:
+        raise doc.error(kp, f"must be a mapping with at least one of: {', '.join(keys)}")
+    for key in value:
+        if key not in keys:
+            raise doc.error(kp + (key,), f"unknown key (allowed: {', '.join(keys)})")
+    return value
+
+
+def _full_reference(image: str) -> bool:
+    """Whether an image pattern can match a full reference: any image, or a registry (a name with '.' or ':',
+    localhost, or a glob) and then a path. 'nginx:*' would silently match nothing."""
+    if _GLOB.fullmatch(image.replace("**", "*")):
+        return True
+    registry, slash, _ = image.partition("/")
+    return bool(slash) and (
+        "." in registry or ":" in registry or registry == "localhost" or bool(_GLOB.search(registry))
+    )
+
+
+def _container(doc: yamlsrc.Document, ck: yamlsrc.KeyPath, value: Any) -> dict[str, Any]:
+    """The WorkloadPattern fields of a rule's `container:` mapping."""
+    section = _section(doc, ck, value, CONTAINER_KEYS)
+    fields: dict[str, Any] = {key: _glob(doc, ck + (key,), section[key]) for key in ("image", "name", "runtime")
+                              if key in section}  # fmt: skip
+    image = fields.get("image")
+    if image is not None and not _full_reference(image):
+        raise doc.error(ck + ("image",), "must be the image's full reference, registry first "
+                        f"(docker.io/library/nginx:*, not nginx:*): {image!r} never matches")  # fmt: skip
+    runtime = fields.get("runtime")
+    if runtime is not None and not _GLOB.search(runtime) and runtime not in RUNTIMES:
+        raise doc.error(ck + ("runtime",), f"unknown runtime {runtime!r} (choose from {', '.join(RUNTIMES)})")
+    if "labels" in section:
+        labels = section["labels"]
+        if not isinstance(labels, dict) or not labels or not all(isinstance(k, str) and k for k in labels):
+            raise doc.error(ck + ("labels",), "must be a mapping of label names to globs")
+        fields["labels"] = tuple(sorted((k, _glob(doc, ck + ("labels", k), v)) for k, v in labels.items()))
+    return fields
+
+
+def _workload(doc: yamlsrc.Document, kp: yamlsrc.KeyPath, item: dict[str, Any]) -> WorkloadPattern | None:
+    """The `container:` and `pod:` keys of a rule as one pattern, or None when the rule has neither."""
+    if "container" not in item and "pod" not in item:
+        return None
+    fields = _container(doc, kp + ("container",), item["container"]) if "container" in item else {}
+    if "pod" in item:
+        pk = kp + ("pod",)
+        section = _section(doc, pk, item["pod"], POD_KEYS)
+        for key, attr in (("namespace", "pod_namespace"), ("name", "pod_name"), ("service_account", "service_account")):
+            if key in section:
+                fields[attr] = _glob(doc, pk + (key,), section[key])
+    return WorkloadPattern(**fields)

@@ -1,8 +1,14 @@
-"""Policy rules as frozen values: who a rule matches (exe, uid/user, cmdline, exe hash) and what it grants.
+"""Policy rules as frozen values: who a rule matches (exe, uid/user, cmdline, exe hash, container) and what it
+grants.
 
 A rule's ``paths`` select what it grants (default: everything); a path in a sensitive class (role credentials,
 identity credentials, user data) is granted only when the rule also names that class in ``sensitive``, so a
 wildcard can never hand out credentials by accident.
+
+A rule with a ``workload`` (the `container:` and `pod:` keys) is about processes in containers only: the caller's
+container must match every field it gives, and its ``exe`` patterns are paths inside the container's image, so the
+host-file check (``exe_verified``) does not apply. A field the runtime did not supply (an empty image, a missing
+label) never matches, whatever the pattern: ``team: "*"`` needs a label ``team``.
 """
 
 from __future__ import annotations
@@ -12,13 +18,83 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..identity.caller import Caller
+from ..identity.caller import Caller, ContainerInfo
 from .paths import SENSITIVE_CLASSES, MetadataPath, compile_glob, normalize_pattern
 
 #: What `policy.default` (callers no rule matches) and `policy.unknown` (unidentified callers) may say.
 DEFAULTS = ("deny", "allow-nonsensitive", "allow")
 DEFAULT_SETTING = "allow-nonsensitive"
 UNKNOWN_SETTING = "deny"
+#: The exe of a container rule that names none: any executable in the container.
+ANY_EXE = ("**",)
+
+
+def value_glob(pattern: str) -> re.Pattern[str]:
+    """A glob over a name or label value: '*' any characters but a newline, '?' one; nothing else is special (no
+    character classes)."""
+    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern))
+
+
+def image_glob(pattern: str) -> re.Pattern[str]:
+    """A glob over an image reference: '*' within one component (it stops at '/', ':' and '@', so it never
+    spans a registry, a tag or a digest), '?' one character of one, '**' anything."""
+    out = []
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        c = pattern[i]
+        out.append("[^/:@]*" if c == "*" else "[^/:@]" if c == "?" else re.escape(c))
+        i += 1
+    return re.compile("".join(out))
+
+
+@dataclass(frozen=True)
+class WorkloadPattern:
+    """What a rule's `container:` and `pod:` keys ask of the caller's container; None (or no labels) asks nothing.
+
+    ``image`` is matched against the image's full reference (docker.io/library/nginx:1.25) with ``image_glob``,
+    so that '*' can never stand for another registry, a tag for a digest or the other way round; the other
+    fields are globs over the whole value (``value_glob``).
+    """
+
+    image: Optional[str] = None
+    name: Optional[str] = None
+    runtime: Optional[str] = None
+    labels: tuple[tuple[str, str], ...] = ()
+    pod_namespace: Optional[str] = None
+    pod_name: Optional[str] = None
+    service_account: Optional[str] = None
+    _res: tuple[tuple[str, re.Pattern[str]], ...] = field(default=(), repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        compiled = [("image", image_glob(self.image))] if self.image is not None else []
+        for key in ("name", "runtime", "pod_namespace", "pod_name", "service_account"):
+            pattern = getattr(self, key)
+            if pattern is not None:
+                compiled.append((key, value_glob(pattern)))
+        compiled.extend((f"label {k}", value_glob(v)) for k, v in self.labels)
+        object.__setattr__(self, "_res", tuple(compiled))
+
+    @property
+    def names_pod(self) -> bool:
+        """Whether the pattern asks for a Kubernetes pod (the `pod:` key)."""
+        return any(v is not None for v in (self.pod_namespace, self.pod_name, self.service_account))
+
+    def mismatch(self, info: ContainerInfo) -> Optional[str]:
+        """The first field ``info`` does not match (missing counts as not matching), or None when all match."""
+        for key, regex in self._res:
+            if key.startswith("label "):
+                value = info.label(key[6:])
+            else:
+                value = getattr(info, key) or None
+                if key == "runtime" and value == "unknown":
+                    value = None
+            if value is None or not regex.fullmatch(value):
+                return key
+        return None
 
 
 @dataclass(frozen=True)
@@ -37,6 +113,7 @@ class Rule:
     inject_token: bool = True
     in_containers: bool = False  # exe paths may be inside containers' images, not the host's files
     refuse_preload: bool = False  # callers started with LD_PRELOAD or LD_AUDIT do not match
+    workload: Optional[WorkloadPattern] = None  # container and pod fields: then only callers in such a container
     _exe_res: tuple[re.Pattern[str], ...] = field(default=(), repr=False, compare=False)
     _path_res: tuple[re.Pattern[str], ...] = field(default=(), repr=False, compare=False)
 
@@ -51,9 +128,15 @@ class Rule:
         """Whether this rule is about ``caller`` (never true for an unknown caller)."""
         if not caller.known or caller.exe is None:
             return False
-        if not any(r.match(caller.exe) for r in self._exe_res):
+        # fullmatch: '$' alone would also accept the path followed by a newline.
+        if not any(r.fullmatch(caller.exe) for r in self._exe_res):
             return False
-        if not caller.exe_verified and not self.in_containers:
+        if self.workload is not None:
+            # The rule is about an image, so the path inside it is what it names; the host's file of that name
+            # is beside the point.
+            if caller.workload is None or self.workload.mismatch(caller.workload) is not None:
+                return False
+        elif not caller.exe_verified and not self.in_containers:
             # The name matches but the file is not the host's file of that name: an impostor until a rule
             # says paths inside containers are meant.
             return False

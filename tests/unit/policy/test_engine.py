@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from imds_agent.identity.caller import Caller
+from imds_agent.identity.caller import Caller, ContainerInfo
 from imds_agent.policy.engine import decide
-from imds_agent.policy.model import Policy, Rule
+from imds_agent.policy.model import ANY_EXE, Policy, Rule, WorkloadPattern
 
 CURL = Caller(True, 100, "/usr/bin/curl", 1000, "app", ("curl", "http://169.254.169.254/"))
 SSM = Caller(True, 200, "/usr/bin/amazon-ssm-agent", 0, "root", ("/usr/bin/amazon-ssm-agent",))
@@ -112,3 +112,56 @@ def test_a_file_other_than_the_hosts_matches_only_rules_for_containers() -> None
     assert not denied.allow and denied.decided_by == "default: deny"
     assert decide(policy(container_rule, default="deny"), impostor, "GET", creds).allow
     assert decide(policy(container_rule, default="deny"), CURL, "GET", creds).allow  # host files too
+
+
+IN_POD = Caller(
+    True,
+    300,
+    "/app/exporter",
+    1000,
+    None,
+    exe_verified=False,
+    workload=ContainerInfo(
+        "ab" * 32,
+        "containerd",
+        "exporter",
+        "registry.example.com/payments/exporter:1.4",
+        pod_namespace="payments",
+        pod_name="exporter-7d9f8b6c5-x2x7q",
+    ),
+)
+
+
+@pytest.mark.parametrize(
+    ("default", "metadata", "credentials"),
+    [("allow-nonsensitive", True, False), ("deny", False, False), ("allow", True, True)],
+)
+def test_a_container_caller_no_rule_names_gets_the_default_and_never_credentials_under_allow_nonsensitive(
+    default: str, metadata: bool, credentials: bool
+) -> None:
+    host_rules = policy(
+        Rule("curl", ("/usr/bin/curl",)),
+        Rule("ssm", ("/app/exporter",), sensitive=("credentials",)),
+        Rule("web", ANY_EXE, workload=WorkloadPattern(image="registry.example.com/web:*")),
+        default=default,
+    )
+    assert decide(host_rules, IN_POD, "GET", "/latest/meta-data/placement/region").allow is metadata
+    d = decide(host_rules, IN_POD, "GET", CREDS)
+    assert d.allow is credentials and d.decided_by == f"default: {default}"
+
+
+def test_a_pod_rule_grants_its_pod_the_credentials_and_nobody_else() -> None:
+    pods = policy(
+        Rule(
+            "exporter",
+            ANY_EXE,
+            "p:1",
+            sensitive=("credentials",),
+            workload=WorkloadPattern(image="registry.example.com/payments/*:*", pod_namespace="payments"),
+        )
+    )
+    assert decide(pods, IN_POD, "GET", CREDS).decided_by == "exporter (p:1)"
+    assert IN_POD.workload is not None
+    elsewhere = dataclasses.replace(IN_POD, workload=dataclasses.replace(IN_POD.workload, pod_namespace="default"))
+    assert not decide(pods, elsewhere, "GET", CREDS).allow
+    assert not decide(pods, dataclasses.replace(IN_POD, workload=None), "GET", CREDS).allow

@@ -10,6 +10,7 @@ import pytest
 
 from imds_agent.errors import ConfigError
 from imds_agent.policy.loader import load_policy
+from imds_agent.policy.model import ANY_EXE, WorkloadPattern
 
 DATA = Path(__file__).parent / "data"
 
@@ -43,6 +44,14 @@ def test_missing_directory_is_an_empty_policy(tmp_path: Path) -> None:
         ("sha.yaml", 3, "rules[0].sha256", "64 hexadecimal"),
         ("in-containers.yaml", 4, "rules[0].in_containers", "true or false"),
         ("refuse-preload.yaml", 4, "rules[0].refuse_preload", "true or false"),
+        ("container-empty.yaml", 4, "rules[0].container", "at least one of: image, name, labels, runtime"),
+        ("container-key.yaml", 4, "rules[0].container.imgae", "unknown key (allowed: image, name, labels, runtime)"),
+        ("pod-key.yaml", 5, "rules[0].pod.serviceaccount", "unknown key (allowed: namespace, name, service_account)"),
+        ("pod-list.yaml", 4, "rules[0].pod", "must be a mapping"),
+        ("container-image.yaml", 4, "rules[0].container.image", "full reference, registry first"),
+        ("container-runtime.yaml", 4, "rules[0].container.runtime", "unknown runtime 'dockerd'"),
+        ("container-label.yaml", 5, "rules[0].container.labels.team", "quote it"),
+        ("container-in-containers.yaml", 4, "rules[0].in_containers", "drop in_containers"),
     ],
 )
 def test_bad_files_name_file_line_and_key(
@@ -58,3 +67,28 @@ def test_bad_files_name_file_line_and_key(
         assert err.line == line
     assert err.key == key
     assert text in str(err)
+
+
+def test_a_container_or_pod_rule_needs_no_exe_and_keeps_its_globs(tmp_path: Path) -> None:
+    (tmp_path / "50-web.yaml").write_text(
+        "rules:\n"
+        "  - name: web\n"
+        '    container: {image: "registry.example.com/billing/*:*", name: "web-*", labels: {team: billing}, '
+        "runtime: docker}\n"
+        "    pod: {namespace: payments, name: \"exporter-*\", service_account: exporter}\n"
+        "  - name: any-image\n"
+        '    exe: ["/app/*"]\n'
+        '    container: {image: "**"}\n'
+    )
+    web, anything = load_policy(str(tmp_path)).rules
+    assert web.exe == ANY_EXE and web.workload == WorkloadPattern(
+        image="registry.example.com/billing/*:*",
+        name="web-*",
+        runtime="docker",
+        labels=(("team", "billing"),),
+        pod_namespace="payments",
+        pod_name="exporter-*",
+        service_account="exporter",
+    )
+    assert web.workload.names_pod and web.source.endswith("50-web.yaml:2")
+    assert anything.exe == ("/app/*",) and anything.workload == WorkloadPattern(image="**")
