@@ -235,6 +235,7 @@ class ContainersConfig:
     port: int = 969  # the container listener, on every address; serves only what the redirect sent it
     docker_root: str = "/var/lib/docker"  # Docker's data root: containers/<id>/config.v2.json
     containerd_state: str = "/run/containerd"  # containerd's state: io.containerd.runtime.v2.task/<ns>/<id>
+    containerd_namespaces: tuple[str, ...] = ("default",)  # where `ctr run` containers are (k8s.io is always)
 
     def __post_init__(self) -> None:
         _check(len(self.interfaces) > 0, "interfaces", "needs at least one interface (or enabled: false)")

@@ -22,6 +22,7 @@ from .audit.stats import status_line
 from .config import Config
 from .control import ControlServer
 from .errors import AgentError
+from .identity.containers import ContainerDirectory
 from .identity.resolver import Identifier
 from .imds.cache import ResponseCache
 from .imds.token import TokenCache, fetch_from
@@ -51,6 +52,8 @@ class Agent:
         self.forwarder = Forwarder(self.upstream, self.tokens, self.gate, cache=ResponseCache(
             cache.static_ttl, cache.credentials_ttl) if cache.enabled else None)  # fmt: skip
         self.identify = ConnectionIdentifier(Identifier(budget=config.identity.budget))
+        cc = config.containers
+        self.identify.directory = ContainerDirectory(cc.docker_root, cc.containerd_state, cc.containerd_namespaces)
         self.metrics = metrics.service(config.metrics, lambda: introspect.metrics_state(self), self.account.gid)
         self.control = ControlServer(config.control_socket, lambda c: introspect.control_answer(self, c),
                                      self.account.uid, self.account.gid)  # fmt: skip

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
 from ..identity.caller import Caller
+from ..identity.containers import ContainerDirectory, uid_inside
 from ..identity.netns import Ambiguous, NetnsSocket, NetnsSockets
 from ..identity.procs import OverBudget
 from ..identity.resolver import OVER_BUDGET, Identifier
@@ -40,7 +41,6 @@ class Attested(Protocol):
 
 
 Attest = Callable[[int], Optional[Attested]]  # socket cookie -> the record made at connect, if any
-Describe = Callable[[Caller], Caller]  # a container caller -> the same with its workload (identity/containers.py)
 Seen = tuple[Optional[Address], Optional[SocketOwner], Optional[NetnsSocket]]
 
 
@@ -51,7 +51,6 @@ class ContainerSide:
     port: int
     dialled: frozenset[Address]
     sockets: NetnsSockets = dataclasses.field(default_factory=NetnsSockets)
-    describe: Optional[Describe] = None
 
 
 class ConnectionIdentifier:
@@ -69,6 +68,8 @@ class ConnectionIdentifier:
         self._clock = clock
         self.attest = attest
         self.containers: Optional[ContainerSide] = None
+        # Describes the container a caller runs in from its runtime's state (None: callers carry no workload).
+        self.directory: Optional[ContainerDirectory] = None
         # What admission learnt at accept (the original destination, the socket's owner), handed to the
         # identification of the same connection so that neither is asked of the kernel twice.
         self._seen: dict[tuple[Address, Address], Seen] = {}
@@ -84,6 +85,8 @@ class ConnectionIdentifier:
         started = time.monotonic()
         try:
             caller = self.identifier.identify(conn.peer, conn.local, dst, owner)
+            if caller.container is not None:  # a container sharing the host's network (ECS agent, DaemonSets)
+                caller = self.workload(caller)
         except Exception as exc:
             # A bug or an unexpected /proc state must not make a caller anyone in particular.
             log.exception("identifying the client of a connection failed")
@@ -152,10 +155,30 @@ class ConnectionIdentifier:
             if caller.known and caller.pid is not None and side.sockets.netns_of_pid(caller.pid) != found.netns:
                 # The holder is not in the namespace the socket was found in: it moved, or the pid was reused.
                 return Caller.unknown("the socket's holder left the container's network namespace", uid=found.uid)
-            return side.describe(caller) if side.describe is not None and caller.known else caller
+            return self.workload(caller, found.netns)
         except Exception as exc:
             log.exception("identifying the client of a container connection failed")
             return Caller.unknown(f"identification failed: {type(exc).__name__}")
+
+    def workload(self, caller: Caller, netns: int = 0) -> Caller:
+        """``caller`` with the container it runs in, as the runtime's state describes it, and its uid inside;
+        unchanged when there is no directory, no container the runtimes' layouts name, or /proc cannot be read."""
+        if self.directory is None or not caller.known or caller.pid is None:
+            return caller
+        proc = self.identifier.index.proc
+        try:
+            with open(f"{proc}/{caller.pid}/cgroup", encoding="utf-8", errors="replace") as fh:
+                cgroup = fh.read(65536)
+            with open(f"{proc}/{caller.pid}/uid_map", encoding="ascii", errors="replace") as fh:
+                uid_map = fh.read(4096)
+        except OSError:
+            return caller
+        info = self.directory.describe(caller.container, cgroup)
+        if info is None:
+            return caller
+        inside = uid_inside(uid_map, caller.uid) if caller.uid is not None else None
+        info = dataclasses.replace(info, netns=netns)
+        return dataclasses.replace(caller, workload=info, container=info.id, uid_inside=inside)
 
     def peer_uid(self, conn: Connection) -> Optional[int]:
         """The uid of the peer's socket (one sock_diag query, or one search of the containers' namespaces on the
