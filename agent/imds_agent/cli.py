@@ -101,7 +101,9 @@ def _backend_for(args: argparse.Namespace) -> tuple[configmod.Config, Backend]:
 
 def _spec(config: configmod.Config) -> RedirectSpec:
     account = privileges.resolve_user(config.user, config.source)
-    return spec_for(config.redirect, config.upstream, account.uid, config.listen.port)
+    cc = config.containers
+    return spec_for(config.redirect, config.upstream, account.uid, config.listen.port, cc.interfaces,
+                    cc.port if cc.enabled else 0)  # fmt: skip
 
 
 def _live(config: configmod.Config, command: str) -> Optional[Any]:

@@ -43,9 +43,11 @@ def show(label: str, proc: subprocess.CompletedProcess[str], limit: int = 300) -
     return code
 
 
-def curl(sbx: Sandbox, uid: int, url: str, *extra: str, exe: str = "curl") -> subprocess.CompletedProcess[str]:
-    argv = [exe, "-s", "-S", "--max-time", "5", "-w", "\n%{http_code}", *extra, url]
-    return sbx.run(argv, uid=uid, timeout=10)
+def curl(
+    sbx: Sandbox, uid: int, url: str, *extra: str, exe: str = "curl", ns: str = "host", wait: int = 5
+) -> subprocess.CompletedProcess[str]:
+    argv = [exe, "-s", "-S", "--max-time", str(wait), "-w", "\n%{http_code}", *extra, url]
+    return sbx.run(argv, uid=uid, timeout=wait + 5, ns=ns)
 
 
 def install_demo_policy(sbx: Sandbox) -> str:
@@ -129,14 +131,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         say("The metadata service requires tokens (IMDSv1 disabled); no agent yet")
         code = show(f"uid {NOBODY}: curl {BASE}{ROLE_PATH}", curl(sbx, NOBODY, BASE + ROLE_PATH))
         expect(code == "401", "a plain IMDSv1 GET is refused with 401")
+        for name, address in (("billing", "172.30.0.2"), ("web", "172.30.0.3")):
+            sbx.add_container(name, address)
+        put_args = ("-X", "PUT", "-H", "X-aws-ec2-metadata-token-ttl-seconds: 60")
+        proc = curl(sbx, NOBODY, BASE + "/api/token", *put_args, ns="web", wait=2)
+        code = show("container 'web' (its own network namespace, behind the host's bridge): token PUT", proc)
+        expect(code == "000", "no answer: the service's hop limit of 1 drops it one routed hop away")
         sbx.emulator_control.reset()
 
         say(f"Starting imds-agent in enforce mode (root, then drops to uid {AGENT_UID})")
         exporter = install_demo_policy(sbx)
-        agent = AgentProcess(sbx, mode="enforce").start()
+        agent = AgentProcess(sbx, mode="enforce", extra="containers: {enabled: true}\n").start()
         try:
-            rules = agent.cli("rules", "show")
-            print("  " + rules.stdout.strip().replace("\n", "\n  "))
+            rules = agent.cli("rules", "show").stdout.strip().splitlines()
+            shown = [line for line in rules if "iifname" not in line]  # the container interfaces, one line each
+            print("  " + "\n  ".join(shown))
+            print(f"    ... and {len(rules) - len(shown)} rules for connections from container interfaces")
             print(f"  policy: the shipped drop-ins from rules/, plus {exporter} may read the role credentials as uid"
                   f" {APP_UID}; everyone else gets the default (allow-nonsensitive)")  # fmt: skip
 
@@ -185,6 +195,20 @@ def main(argv: Optional[list[str]] = None) -> int:
                 f"uid {APP_UID}: GET with its own token", curl(sbx, APP_UID, BASE + "/meta-data/instance-id", "-H", hdr)
             )
             expect(code == "200", "the client's own token is used")
+
+            say("Containers with network namespaces of their own go through the agent too (hop limit stays 1)")
+            proc = redact(curl(sbx, APP_UID, BASE + ROLE_PATH + role, exe=exporter, ns="billing"))
+            code = show(f"container 'billing', uid {APP_UID}: {exporter} {BASE}{ROLE_PATH}{role}", proc)
+            expect(code == "200", "allowed: the exporter in a container gets the credentials")
+            proc = curl(sbx, NOBODY, BASE + ROLE_PATH, ns="web")
+            code = show(f"container 'web', uid {NOBODY}: curl {BASE}{ROLE_PATH}", proc)
+            expect(code == "403", "denied: curl in a container may not read the role credentials")
+            put_v2 = curl(sbx, NOBODY, BASE + "/api/token", *put_args, ns="web")
+            token = put_v2.stdout.strip().rpartition("\n")[0]
+            hdr = f"X-aws-ec2-metadata-token: {token}"
+            code = show(f"container 'web': IMDSv2 instance-id with its own token ({len(token)} chars, not shown)",
+                        curl(sbx, NOBODY, BASE + "/meta-data/instance-id", "-H", hdr, ns="web"))  # fmt: skip
+            expect(code == "200", "its token PUT is answered now: the agent asks the service from the host")
 
             say("A token PUT relayed by a proxy (X-Forwarded-For) is refused, as the real service does")
             code = show(
