@@ -1,9 +1,10 @@
 """Who called what, aggregated and persisted, so it survives restarts and log rotation.
 
-One entry per (exe, uid, user, path class, v1/v2, decision) with a count and first/last seen. Path classes keep
-the inventory small and the suggestions reviewable, and they come from a closed set, never from a raw path (a
-caller could otherwise mint one entry per request): the sensitive class name, or the category of the metadata
-tree the path is in ('meta-data/placement'), or '(other)'. Saved atomically every few seconds and at stop.
+One entry per (exe, uid, user, path class, v1/v2, decision, and for a caller in a container its image, name, pod
+namespace and service account) with a count and first/last seen. Path classes keep the inventory small and the
+suggestions reviewable, and they come from a closed set, never from a raw path (a caller could otherwise mint one
+entry per request): the sensitive class name, or the category of the metadata tree the path is in
+('meta-data/placement'), or '(other)'. Saved atomically every few seconds and at stop.
 
 The inventory is bounded. At the bound the least recently seen entry of an allowed or refused request makes room;
 an entry that records a denial or a would-deny is never dropped, because `report` and the SetMode document trust
@@ -24,6 +25,7 @@ from typing import Any, Optional
 
 from ..atomic import write_atomically
 from ..errors import ConfigError
+from ..identity.caller import ContainerInfo
 from ..policy.paths import MetadataPath
 
 log = logging.getLogger(__name__)
@@ -83,9 +85,21 @@ class Entry:
     first_seen: float
     last_seen: float
     exe_verified: bool = True  # False: the path named a file other than the host's (a container's, a replaced one)
+    # The container the caller ran in ('' on the host, or where the runtime did not say): ``exe`` is then the path
+    # inside its image. The pod's name is left out: pods are named anew each time they are replaced.
+    image: str = ""
+    container: str = ""
+    pod_namespace: str = ""
+    service_account: str = ""
+
+    @property
+    def in_container(self) -> bool:
+        """Whether the entry is of a caller in a container the agent described."""
+        return bool(self.image or self.container or self.pod_namespace)
 
 
-Key = tuple[str, Optional[int], Optional[str], str, str, str, bool]
+Key = tuple[str, Optional[int], Optional[str], str, str, str, bool, str, str, str, str]
+NO_WORKLOAD = ("", "", "", "")
 
 
 def _entries(doc: Any) -> list[Entry]:
@@ -99,7 +113,8 @@ def _entries(doc: Any) -> list[Entry]:
     for item in doc.get("entries", []):
         entry = Entry(**item)  # TypeError on a missing or unknown field
         numbers = (entry.count, entry.first_seen, entry.last_seen)
-        strings = (entry.exe, entry.path_class, entry.imds, entry.decision)
+        strings = (entry.exe, entry.path_class, entry.imds, entry.decision, entry.image, entry.container,
+                   entry.pod_namespace, entry.service_account)  # fmt: skip
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
             raise ValueError("an entry's count or times are not numbers")
         if not all(isinstance(v, str) for v in strings) or not isinstance(entry.exe_verified, bool):
@@ -162,12 +177,19 @@ class Inventory:
 
     @staticmethod
     def _key(e: Entry) -> Key:
-        return (e.exe, e.uid, e.user, e.path_class, e.imds, e.decision, e.exe_verified)
+        return (e.exe, e.uid, e.user, e.path_class, e.imds, e.decision, e.exe_verified, e.image, e.container,
+                e.pod_namespace, e.service_account)  # fmt: skip
 
     def add(self, exe: Optional[str], uid: Optional[int], user: Optional[str], cls: str, imds: str,
-            decision: str, when: float, exe_verified: bool = True) -> bool:  # fmt: skip
+            decision: str, when: float, exe_verified: bool = True,
+            workload: Optional[ContainerInfo] = None) -> bool:  # fmt: skip
         """Count one request; True when it opened a new entry (a combination not seen before)."""
-        key: Key = (exe or UNKNOWN_EXE, uid, user, cls, imds, decision, exe_verified)
+        w = (
+            (workload.image, workload.name, workload.pod_namespace, workload.service_account)
+            if workload
+            else NO_WORKLOAD
+        )
+        key: Key = (exe or UNKNOWN_EXE, uid, user, cls, imds, decision, exe_verified, *w)
         with self._lock:
             entry = self._entries.get(key)
             if entry is None and len(self._entries) >= MAX_ENTRIES:
@@ -177,14 +199,14 @@ class Inventory:
                     self.evicted += 1
                 elif decision in KEPT_DECISIONS:
                     self.overflowed += 1
-                    key = (OVERFLOW_EXE, uid, None, cls, imds, decision, True)
+                    key = (OVERFLOW_EXE, uid, None, cls, imds, decision, True, *NO_WORKLOAD)
                     entry = self._entries.get(key)
                 else:
                     self.evicted += 1  # an allowed request with no room left: counted, not kept
                     self._dirty = True
                     return False
             if entry is None:
-                self._entries[key] = Entry(key[0], uid, key[2], cls, imds, decision, 1, when, when, key[6])
+                self._entries[key] = Entry(key[0], uid, key[2], cls, imds, decision, 1, when, when, *key[6:])
             else:
                 entry.count += 1
                 entry.last_seen = max(entry.last_seen, when)

@@ -1,7 +1,8 @@
 """The audit log: one JSON object per request, size-rotated, never a token, a credential or a body.
 
 Each line is one Answer (proxy/types.py), which holds no header value except the User-Agent (kept for the
-record, never used to decide).
+record, never used to decide). A caller in a container the agent could describe gets a ``workload`` object beside
+the ``container`` id (which keeps its meaning: the id, or null).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
+from ..identity.caller import Caller
 from ..proxy.types import Answer
 
 log = logging.getLogger(__name__)
@@ -22,6 +24,7 @@ log = logging.getLogger(__name__)
 # Caller-controlled strings are cut to these lengths in records, so a request cannot make its line huge.
 MAX_USER_AGENT = 256
 MAX_EXE = 1024
+MAX_WORKLOAD_FIELD = 512  # a container's name, image, pod namespace and name, service account
 
 
 def _clip(text: Optional[str], limit: int) -> Optional[str]:
@@ -32,6 +35,26 @@ def _clip(text: Optional[str], limit: int) -> Optional[str]:
 
 def _iso(when: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1000):03d}Z"
+
+
+def workload_record(caller: Caller) -> Optional[dict[str, Any]]:
+    """The audit form of the container a caller runs in (None when it runs in none the agent described): id,
+    runtime, name, image, the uid inside its user namespace and, for a Kubernetes pod, ``pod``. Labels are left
+    out: there may be a hundred of them on every line."""
+    w = caller.workload
+    if w is None:
+        return None
+    out: dict[str, Any] = {
+        "id": w.id,
+        "runtime": w.runtime,
+        "name": _clip(w.name, MAX_WORKLOAD_FIELD) or None,
+        "image": _clip(w.image, MAX_WORKLOAD_FIELD) or None,
+        "uid_inside": caller.uid_inside,
+    }
+    if w.pod_namespace or w.pod_name:
+        pod = {"namespace": w.pod_namespace, "name": w.pod_name, "service_account": w.service_account}
+        out["pod"] = {k: _clip(v, MAX_WORKLOAD_FIELD) for k, v in pod.items() if v}
+    return out
 
 
 def audit_line(answer: Answer) -> dict[str, Any]:
@@ -46,7 +69,8 @@ def audit_line(answer: Answer) -> dict[str, Any]:
         "uid": c.uid,
         "user": c.user,
         "unit": c.unit,
-        "container": c.container,
+        "container": c.container or (c.workload.id if c.workload is not None else None),
+        "workload": workload_record(c),
         "exe_verified": c.exe_verified if c.known else None,
         "shared_with": [f"{o.pid} {o.exe}" for o in c.sharers] or None,
         "preload": list(c.preload) or None,

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 from ..config import AuditConfig
 from ..errors import PersistenceError
+from ..identity.containers import describe_workload
 from ..proxy.types import Answer, Outcome
 from .budget import AuditBudget
 from .inventory import Inventory, path_class
@@ -118,12 +119,16 @@ class Recorder:
         caller = answer.caller
         cls = inventory_class(answer)
         first = self.inventory.add(caller.exe, caller.uid, caller.user, cls, answer.kind.value,
-                                   answer.outcome.value, answer.time, caller.exe_verified)  # fmt: skip
+                                   answer.outcome.value, answer.time, caller.exe_verified,
+                                   caller.workload)  # fmt: skip
         if first and answer.outcome in (Outcome.DENY, Outcome.WOULD_DENY):
             # Once per caller and path class in the journal, so operators see denials without a flood; every
             # request is in the audit log.
             verb = "denied" if answer.outcome is Outcome.DENY else "would deny (audit)"
-            log.warning("%s: %s %s %s [%s] by %s: %s", verb, caller.describe(), answer.method, answer.shown_path,
+            who = caller.describe()
+            if caller.workload is not None:
+                who += f" in {describe_workload(caller.workload, caller.uid_inside)}"
+            log.warning("%s: %s %s %s [%s] by %s: %s", verb, who, answer.method, answer.shown_path,
                         cls, answer.decided_by, answer.reason)  # fmt: skip
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s %s %s -> %d %s", caller.describe(), answer.method, answer.shown_path,

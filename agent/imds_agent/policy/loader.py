@@ -166,7 +166,7 @@ def _section(doc: yamlsrc.Document, kp: yamlsrc.KeyPath, value: Any, keys: tuple
     return value
 
 
-def _full_reference(image: str) -> bool:
+def is_full_reference(image: str) -> bool:
     """Whether an image pattern can match a full reference: any image, or a registry (a name with '.' or ':',
     localhost, or a glob) and then a path. 'nginx:*' would silently match nothing."""
     if _GLOB.fullmatch(image.replace("**", "*")):
@@ -183,7 +183,7 @@ def _container(doc: yamlsrc.Document, ck: yamlsrc.KeyPath, value: Any) -> dict[s
     fields: dict[str, Any] = {key: _glob(doc, ck + (key,), section[key]) for key in ("image", "name", "runtime")
                               if key in section}  # fmt: skip
     image = fields.get("image")
-    if image is not None and not _full_reference(image):
+    if image is not None and not is_full_reference(image):
         raise doc.error(ck + ("image",), "must be the image's full reference, registry first "
                         f"(docker.io/library/nginx:*, not nginx:*): {image!r} never matches")  # fmt: skip
     runtime = fields.get("runtime")

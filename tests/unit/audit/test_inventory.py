@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from imds_agent.audit import inventory as inv_mod
 from imds_agent.audit.inventory import Inventory, path_class
 from imds_agent.errors import ConfigError
+from imds_agent.identity.caller import ContainerInfo
 from imds_agent.policy.paths import normalize
 
 SEEN = ("/usr/bin/curl", 1000, "app", "credentials", "v1", "would-deny")
@@ -220,3 +222,35 @@ def test_a_corrupt_inventory_is_moved_aside_at_start_and_a_fresh_one_begins(
     inv.add(*SEEN, 1.0)
     inv.save()
     assert len(Inventory(str(tmp_path)).load().entries()) == 1
+
+
+WEB = ContainerInfo("ab" * 32, "docker", "web", "docker.io/library/nginx:1.25")
+
+
+def test_callers_in_containers_are_told_apart_by_image_and_name_and_survive_a_restart(tmp_path: Path) -> None:
+    inv = Inventory(str(tmp_path))
+    seen = ("/usr/sbin/nginx", 0, "root", "credentials", "v1", "would-deny", 1.0)
+    assert inv.add(*seen)  # the host's nginx
+    assert inv.add(*seen, exe_verified=False, workload=WEB)
+    assert inv.add(*seen, exe_verified=False, workload=dataclasses.replace(WEB, name="web-2"))
+    assert inv.add(*seen, exe_verified=False, workload=dataclasses.replace(WEB, image="docker.io/library/nginx:1.26"))
+    assert not inv.add(*seen, exe_verified=False, workload=dataclasses.replace(WEB, id="cd" * 32))  # same image, name
+    pod = ContainerInfo("ef" * 32, "containerd", "nginx", "docker.io/library/nginx:1.25", pod_namespace="web",
+                        pod_name="nginx-5f7d-abcde")  # fmt: skip
+    assert inv.add(*seen, exe_verified=False, workload=pod)
+    assert not inv.add(*seen, exe_verified=False, workload=dataclasses.replace(pod, pod_name="nginx-5f7d-fghij"))
+    inv.save()
+    again = {(e.image, e.container, e.pod_namespace): e for e in Inventory(str(tmp_path)).load().entries()}
+    assert set(again) == {("", "", ""), ("docker.io/library/nginx:1.25", "web", ""),
+                          ("docker.io/library/nginx:1.25", "web-2", ""), ("docker.io/library/nginx:1.26", "web", ""),
+                          ("docker.io/library/nginx:1.25", "nginx", "web")}  # fmt: skip
+    assert again["docker.io/library/nginx:1.25", "web", ""].count == 2
+    assert again["docker.io/library/nginx:1.25", "nginx", "web"].in_container and not again["", "", ""].in_container
+
+
+def test_a_saved_entry_with_a_container_field_of_the_wrong_type_is_corrupt(tmp_path: Path) -> None:
+    bad = {"exe": "/x", "uid": 0, "user": "root", "path_class": "/", "imds": "v1", "decision": "allow", "count": 1,
+           "first_seen": 1.0, "last_seen": 2.0, "image": ["not", "a", "string"]}  # fmt: skip
+    (tmp_path / "inventory.json").write_text(json.dumps({"version": 1, "entries": [bad]}))
+    with pytest.raises(ConfigError, match="wrong types"):
+        Inventory(str(tmp_path)).load()

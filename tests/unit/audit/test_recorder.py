@@ -13,7 +13,7 @@ import pytest
 from imds_agent.audit.inventory import Inventory
 from imds_agent.audit.log import AuditLog
 from imds_agent.audit.recorder import REFUSED_CLASS, Recorder
-from imds_agent.identity.caller import Caller
+from imds_agent.identity.caller import Caller, ContainerInfo
 from imds_agent.policy.paths import normalize
 from imds_agent.proxy.types import Answer, Client, Kind, Outcome
 
@@ -97,3 +97,18 @@ def test_a_flood_from_one_uid_cannot_wash_out_the_records_of_others(tmp_path: Pa
     assert len(flood_lines) == 5 and all(len(x["user_agent"]) < 300 for x in flood_lines)
     (summary,) = [x for x in lines if "summary" in x]
     assert summary["suppressed"] == 1995 and summary["decisions"] == {"allow": 1995}
+
+
+def test_a_denial_in_a_container_names_it_in_the_journal_escaped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    web = ContainerInfo("ab" * 32, "docker", "web\nINFO forged", "docker.io/library/nginx:1.25")
+    caller = Caller(True, 10, "/usr/sbin/nginx", 0, "root", exe_verified=False, workload=web, uid_inside=0)
+    rec = make(tmp_path)
+    a = answer(Outcome.WOULD_DENY)
+    rec(dataclasses.replace(a, client=dataclasses.replace(a.client, caller=caller)))
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "in docker container abababababab, name web\\nINFO forged, image docker.io/library/nginx:1.25" in warning
+    assert "\n" not in warning
+    (entry,) = rec.inventory.entries()
+    assert (entry.image, entry.container) == ("docker.io/library/nginx:1.25", "web\nINFO forged")
