@@ -143,10 +143,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         exporter = install_demo_policy(sbx)
         agent = AgentProcess(sbx, mode="enforce", extra="containers: {enabled: true}\n").start()
         try:
-            rules = agent.cli("rules", "show").stdout.strip().splitlines()
-            shown = [line for line in rules if "iifname" not in line]  # the container interfaces, one line each
+            rule_lines = agent.cli("rules", "show").stdout.strip().splitlines()
+            shown = [line for line in rule_lines if "iifname" not in line]  # the container interfaces, one each
             print("  " + "\n  ".join(shown))
-            print(f"    ... and {len(rules) - len(shown)} rules for connections from container interfaces")
+            print(f"    ... and {len(rule_lines) - len(shown)} rules for connections from container interfaces")
             print(f"  policy: the shipped drop-ins from rules/, plus {exporter} may read the role credentials as uid"
                   f" {APP_UID}; everyone else gets the default (allow-nonsensitive)")  # fmt: skip
 
