@@ -15,6 +15,8 @@ from typing import Any, Optional
 from . import __version__, privileges
 from . import config as configmod
 from .errors import EXIT_FAILURE, EXIT_OK, AgentError
+from .identity.containers import RUNTIMES
+from .policy.explain import label
 from .redirect.base import Backend, RedirectSpec, State
 from .redirect.lifecycle import remove_on_stop, spec_for
 from .redirect.registry import BACKEND_NAMES, make_backend, select_backend
@@ -65,6 +67,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         extra += "; no token injection" if not rule.inject_token else ""
         extra += "; also inside containers" if rule.in_containers else ""
         extra += "; not for callers started with LD_PRELOAD/LD_AUDIT" if rule.refuse_preload else ""
+        extra += f"; only in containers with {rule.workload.describe()}" if rule.workload is not None else ""
         print(f"  - {rule.name} [{rule.source}]: {who} -> {', '.join(rule.paths)}{extra}")
     print(f"audit: {config.audit.log}, state {config.audit.state_dir}")
     for warning in trust_warnings(policy):
@@ -90,6 +93,9 @@ def trust_warnings(policy: Any, ptrace_scope_path: str = "/proc/sys/kernel/yama/
         if rule.cmdline is not None and not rule.uids and not rule.users:
             out.append(f"rule {rule.name} [{rule.source}] matches on cmdline without uid or user: any user can run "
                        "its executable with that command line")  # fmt: skip
+        if rule.workload is not None and rule.workload.service_account is not None:
+            out.append(f"rule {rule.name} [{rule.source}] names a service account, which no runtime's state "
+                       "records (only the pod's token, a credential never read): it never matches")  # fmt: skip
     return out
 
 
@@ -245,9 +251,9 @@ def cmd_suggest(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    """What enforce mode would decide for an executable, uid and path, and why."""
+    """What enforce mode would decide for an executable, uid and path (and container), and why."""
     from .identity.caller import Caller
-    from .policy.engine import decide
+    from .policy.explain import described_container, explain
     from .policy.loader import load_policy
 
     config = _load(args)
@@ -258,18 +264,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
             user = pwd.getpwuid(args.uid).pw_name
         except KeyError:
             user = None
-    cmdline = tuple(args.cmdline or ())
-    preload = ("LD_PRELOAD",) if args.preload else ()
-    caller = Caller(True, None, args.exe, args.uid, user, cmdline, exe_verified=not args.in_container, preload=preload)
-    decision = decide(policy, caller, args.method, args.path, args.sha256)
-    verdict = "allow" if decision.allow else "deny"
-    shown = decision.path.display if decision.path is not None else args.path
-    print(f"{verdict}: {args.exe} (uid {args.uid}) {args.method} {shown}")
-    print(f"  decided by: {decision.decided_by}")
-    print(f"  because: {decision.reason}")
-    if decision.allow and not decision.inject:
-        print("  note: no token is injected for this caller (inject_token: false); it must speak IMDSv2")
-    return EXIT_OK if decision.allow else EXIT_FAILURE
+    workload = described_container(args.container_image, args.container_name, args.container_runtime, args.label,
+                                   args.pod_namespace, args.pod_name, args.service_account)  # fmt: skip
+    caller = Caller(True, None, args.exe, args.uid, user, tuple(args.cmdline or ()),
+                    exe_verified=not (args.in_container or workload), preload=("LD_PRELOAD",) if args.preload else (),
+                    workload=workload, uid_inside=args.uid_inside)  # fmt: skip
+    allowed, lines = explain(policy, caller, args.method, args.path, args.sha256)
+    print("\n".join(lines))
+    return EXIT_OK if allowed else EXIT_FAILURE
 
 
 def cmd_set_mode(args: argparse.Namespace) -> int:
@@ -354,6 +356,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sha256", help="the executable's hash, for rules that pin one")
     p.add_argument("--in-container", action="store_true",
                    help="the path is inside a container's image, not a file on the host")  # fmt: skip
+    c = p.add_argument_group("the container the caller runs in (any of these: --exe is then the path inside it)")
+    c.add_argument("--container-image", metavar="REF", help="its image (nginx:1.25 is docker.io/library/nginx:1.25)")
+    c.add_argument("--container-name", metavar="NAME", help="its name (in a pod: the container's name in the pod)")
+    c.add_argument("--container-runtime", choices=RUNTIMES, help="its runtime (default: unknown, as when not read)")
+    c.add_argument("--label", action="append", type=label, metavar="KEY=VALUE", help="a label; repeat for more")
+    c.add_argument("--pod-namespace", metavar="NS", help="the Kubernetes namespace of its pod")
+    c.add_argument("--pod-name", metavar="NAME", help="its pod's name")
+    c.add_argument("--service-account", metavar="NAME", help="its pod's service account (never known to the agent)")
+    c.add_argument("--uid-inside", type=int, metavar="N", help="the uid its user namespace shows (for the record)")
     p.set_defaults(func=cmd_explain)
     p = sub.add_parser(
         "set-mode", parents=[common], help="set `mode:` in the configuration file and reload the running agent"

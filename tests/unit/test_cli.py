@@ -169,3 +169,46 @@ def test_config_is_taken_before_or_after_the_subcommand() -> None:
     assert parser.parse_args(["--config", "/a.yaml", "report"]).config == "/a.yaml"
     assert parser.parse_args(["--config", "/a.yaml", "rules", "show", "--config", "/b.yaml"]).config == "/b.yaml"
     assert parser.parse_args(["report"]).config == DEFAULT_PATH
+
+
+def test_explain_takes_the_container_a_caller_runs_in(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    policy = tmp_path / "policy.d"
+    policy.mkdir()
+    (policy / "50-pods.yaml").write_text(
+        'rules:\n  - name: exporter\n    container: {image: "registry.example.com/payments/*:*", labels: {team: b*}}\n'
+        "    pod: {namespace: payments}\n    sensitive: [credentials]\n"
+    )
+    config = tmp_path / "agent.yaml"
+    config.write_text(f"policy:\n  dir: {policy}\n")
+    base = ["--config", str(config), "explain", "--exe", "/app/exporter", "--uid", "1000", "--path",
+            "/latest/meta-data/iam/security-credentials/r", "--container-image",
+            "registry.example.com/payments/exporter:1.4", "--pod-namespace", "payments"]  # fmt: skip
+    assert cli.main([*base, "--label", "team=billing", "--container-runtime", "containerd"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "  in: containerd container (explain), image registry.example.com/payments/exporter:1.4, pod payments/" in out
+    )
+    assert "decided by: exporter (" in out
+    assert cli.main(base) == 1  # no team label: the rule passes it by
+    out = capsys.readouterr().out
+    assert "not exporter [" in out and "the container's label team does not match" in out
+    # Without container options the same path is a host file, which a container rule never matches.
+    assert cli.main(base[:9]) == 1
+
+
+def test_explain_refuses_a_label_that_is_not_key_value(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.build_parser().parse_args(["explain", "--exe", "/x", "--uid", "0", "--path", "/", "--label", "team"])
+    assert info.value.code == 2 and "invalid label value: 'team'" in capsys.readouterr().err
+
+
+def test_check_config_shows_container_rules_and_warns_that_a_service_account_never_matches(tmp_path: Path) -> None:
+    from imds_agent.policy.model import ANY_EXE, Policy, Rule, WorkloadPattern
+
+    scope = tmp_path / "ptrace_scope"
+    scope.write_text("1\n")
+    by_account = Rule("by-sa", ANY_EXE, "50-x.yaml:2", workload=WorkloadPattern(service_account="exporter"))
+    by_image = Rule("by-image", ANY_EXE, "50-x.yaml:5", workload=WorkloadPattern(image="registry.example.com/**"))
+    warnings = cli.trust_warnings(Policy((by_account, by_image)), str(scope))
+    assert warnings == ["rule by-sa [50-x.yaml:2] names a service account, which no runtime's state records (only "
+                        "the pod's token, a credential never read): it never matches"]  # fmt: skip

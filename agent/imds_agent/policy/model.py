@@ -83,6 +83,15 @@ class WorkloadPattern:
         """Whether the pattern asks for a Kubernetes pod (the `pod:` key)."""
         return any(v is not None for v in (self.pod_namespace, self.pod_name, self.service_account))
 
+    def describe(self) -> str:
+        """The pattern as an operator wrote it, for check-config and explain."""
+        parts = [f"{k.replace('_', ' ')} {getattr(self, k)}" for k in ("image", "name", "runtime")
+                 if getattr(self, k) is not None]  # fmt: skip
+        parts += [f"label {k}={v}" for k, v in self.labels]
+        pod = (("namespace", self.pod_namespace), ("name", self.pod_name), ("service account", self.service_account))
+        parts += [f"pod {k} {v}" for k, v in pod if v is not None]
+        return ", ".join(parts)
+
     def mismatch(self, info: ContainerInfo) -> Optional[str]:
         """The first field ``info`` does not match (missing counts as not matching), or None when all match."""
         for key, regex in self._res:
