@@ -78,11 +78,6 @@ class WorkloadPattern:
         compiled.extend((f"label {k}", value_glob(v)) for k, v in self.labels)
         object.__setattr__(self, "_res", tuple(compiled))
 
-    @property
-    def names_pod(self) -> bool:
-        """Whether the pattern asks for a Kubernetes pod (the `pod:` key)."""
-        return any(v is not None for v in (self.pod_namespace, self.pod_name, self.service_account))
-
     def describe(self) -> str:
         """The pattern as an operator wrote it, for check-config and explain."""
         parts = [f"{k.replace('_', ' ')} {getattr(self, k)}" for k in ("image", "name", "runtime")

@@ -75,7 +75,7 @@ def test_a_container_or_pod_rule_needs_no_exe_and_keeps_its_globs(tmp_path: Path
         "  - name: web\n"
         '    container: {image: "registry.example.com/billing/*:*", name: "web-*", labels: {team: billing}, '
         "runtime: docker}\n"
-        "    pod: {namespace: payments, name: \"exporter-*\", service_account: exporter}\n"
+        '    pod: {namespace: payments, name: "exporter-*", service_account: exporter}\n'
         "  - name: any-image\n"
         '    exe: ["/app/*"]\n'
         '    container: {image: "**"}\n'
@@ -90,5 +90,5 @@ def test_a_container_or_pod_rule_needs_no_exe_and_keeps_its_globs(tmp_path: Path
         pod_name="exporter-*",
         service_account="exporter",
     )
-    assert web.workload.names_pod and web.source.endswith("50-web.yaml:2")
+    assert web.source.endswith("50-web.yaml:2")
     assert anything.exe == ("/app/*",) and anything.workload == WorkloadPattern(image="**")
