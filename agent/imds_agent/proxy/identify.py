@@ -175,7 +175,9 @@ class ConnectionIdentifier:
             return caller
         info = self.directory.describe(caller.container, cgroup)
         if info is None:
-            return caller
+            # procs.py's id came from a path no runtime made (a user can name a cgroup of its own delegated tree
+            # after any container): the record must not claim that container.
+            return dataclasses.replace(caller, container=None)
         inside = uid_inside(uid_map, caller.uid) if caller.uid is not None else None
         info = dataclasses.replace(info, netns=netns)
         return dataclasses.replace(caller, workload=info, container=info.id, uid_inside=inside)

@@ -3,11 +3,14 @@ lookup makes the caller unidentified instead of raising into the server."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Optional
 
 import pytest
 
 from imds_agent.identity.caller import Caller
+from imds_agent.identity.containers import ContainerDirectory
 from imds_agent.identity.netns import Ambiguous, NetnsSocket
 from imds_agent.identity.sockets import SocketOwner
 from imds_agent.proxy.identify import ConnectionIdentifier, ContainerSide
@@ -186,3 +189,42 @@ def test_the_host_listener_is_not_searched_in_containers() -> None:
     finder = FakeNetns(NetnsSocket(7, 55, 1000, 4242))
     hook = container_hook(finder)
     assert hook(CONN).caller == CURL and finder.asked == []
+
+
+def test_a_container_id_from_a_cgroup_no_runtime_made_is_not_recorded(tmp_path: Path) -> None:
+    # A user names a cgroup of its own delegated tree after a real container: procs.py finds an id there, but no
+    # runtime's layout puts that path in a container, so the caller carries neither that id nor a workload.
+    cid = "a" * 64
+    (tmp_path / "10").mkdir()
+    (tmp_path / "10" / "cgroup").write_text(
+        f"0::/user.slice/user-1000.slice/user@1000.service/app.slice/docker-{cid}.scope\n"
+    )
+    (tmp_path / "10" / "uid_map").write_text("         0          0 4294967295\n")
+    ident = FakeIdentifier(CURL)
+    ident.index = type("Index", (), {"proc": str(tmp_path)})()  # type: ignore[attr-defined]
+    hook = ConnectionIdentifier(ident)  # type: ignore[arg-type]
+    hook.directory = ContainerDirectory(str(tmp_path / "docker"), str(tmp_path / "containerd"))
+    caller = hook.workload(Caller(True, 10, "/usr/bin/curl", 1000, container=cid))
+    assert caller.container is None and caller.workload is None
+
+
+def test_a_docker_container_is_described_with_its_uid_inside(tmp_path: Path) -> None:
+    cid = "b" * 64
+    (tmp_path / "10").mkdir()
+    (tmp_path / "10" / "cgroup").write_text(f"0::/system.slice/docker-{cid}.scope\n")
+    (tmp_path / "10" / "uid_map").write_text("         0     100000      65536\n")
+    state = tmp_path / "docker" / "containers" / cid
+    state.mkdir(parents=True)
+    (state / "config.v2.json").write_text(
+        json.dumps(
+            {"ID": cid, "Name": "/web", "Config": {"Image": "registry.example/app:1", "Labels": {"team": "billing"}}}
+        )
+    )
+    ident = FakeIdentifier(CURL)
+    ident.index = type("Index", (), {"proc": str(tmp_path)})()  # type: ignore[attr-defined]
+    hook = ConnectionIdentifier(ident)  # type: ignore[arg-type]
+    hook.directory = ContainerDirectory(str(tmp_path / "docker"), str(tmp_path / "containerd"))
+    caller = hook.workload(Caller(True, 10, "/usr/bin/curl", 101000, container=cid), netns=77)
+    assert caller.workload is not None and caller.container == cid
+    assert (caller.workload.name, caller.workload.image, caller.workload.netns) == ("web", "registry.example/app:1", 77)
+    assert caller.workload.label("team") == "billing" and caller.uid_inside == 1000
