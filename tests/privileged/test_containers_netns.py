@@ -1,5 +1,5 @@
-"""Containers with network namespaces of their own, on the nftables backend: namespaces behind a bridge in the
-sandbox's host namespace, one routed hop from the metadata service, as containers are on an instance.
+"""Containers with network namespaces of their own, on the nftables and iptables backends: namespaces behind a
+bridge in the sandbox's host namespace, one routed hop from the metadata service, as containers are on an instance.
 
 What the hop limit does to them without the agent, what the agent gives them, and how the container listener
 refuses everyone the redirect did not send it from a local container (another host on the bridge's segment, a
@@ -59,7 +59,8 @@ def wait_records(agent: AgentProcess, count: int) -> list[dict[str, object]]:
     return records(agent)
 
 
-def test_hop_limit_1_starves_a_container_without_the_agent_and_the_agent_serves_it(sbx: Sandbox) -> None:
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])
+def test_hop_limit_1_starves_a_container_without_the_agent_and_the_agent_serves_it(sbx: Sandbox, backend: str) -> None:
     # Without the agent: the token's answer leaves with TTL 1 and dies at the host's bridge; IMDSv1 is refused.
     started = time.monotonic()
     code, status, _ = curl(sbx, "web", "-X", "PUT", "-H", TTL, f"{BASE}/api/token", timeout=2)
@@ -68,7 +69,7 @@ def test_hop_limit_1_starves_a_container_without_the_agent_and_the_agent_serves_
     assert curl(sbx, "web", f"{BASE}/meta-data/instance-id")[1] == "401"
     assert sbx.emulator_control.counters()["token_puts"] == 1  # it did arrive: only the answer was lost
 
-    agent = AgentProcess(sbx, mode="enforce", backend="nftables", extra=CONTAINERS).start()
+    agent = AgentProcess(sbx, mode="enforce", backend=backend, extra=CONTAINERS).start()
     try:
         code, status, body = curl(sbx, "web", f"{BASE}/meta-data/instance-id")
         assert (status, body) == ("200", "i-0e1a2b3c4d5e6f708"), (code, status, body, agent.log()[-2000:])
@@ -85,8 +86,9 @@ def test_hop_limit_1_starves_a_container_without_the_agent_and_the_agent_serves_
         agent.stop()
 
 
-def test_the_container_listener_serves_only_local_containers_the_redirect_sent(sbx: Sandbox) -> None:
-    agent = AgentProcess(sbx, mode="audit", backend="nftables", extra=CONTAINERS).start()
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])
+def test_the_container_listener_serves_only_local_containers_the_redirect_sent(sbx: Sandbox, backend: str) -> None:
+    agent = AgentProcess(sbx, mode="audit", backend=backend, extra=CONTAINERS).start()
     try:
         # Another host on the bridge's segment, routing 169.254.169.254 through this one: its socket lives in a
         # network stack no process of this host is in (here a namespace with no process, where the test opens
@@ -123,9 +125,16 @@ def test_the_container_listener_serves_only_local_containers_the_redirect_sent(s
         agent.stop()
 
 
-def test_a_backend_that_cannot_intercept_containers_refuses_to_start(sbx: Sandbox) -> None:
-    agent = AgentProcess(sbx, backend="iptables", extra=CONTAINERS)
-    with pytest.raises(RuntimeError, match="containers.enabled needs the nftables backend"):
-        agent.start()
-    # Nothing was left behind: no rule sends anyone to a listener that is gone.
-    assert "IMDS_AGENT" not in sbx.run(["iptables-legacy-save", "-t", "nat"]).stdout
+def test_switching_containers_off_leaves_no_container_rule(sbx: Sandbox) -> None:
+    # The same table, or chains, without the container part: nothing keeps redirecting to a listener not there.
+    agent = AgentProcess(sbx, backend="iptables", fail_mode="closed", extra=CONTAINERS).start()
+    agent.stop()
+    assert "IMDS_AGENT_IN" in sbx.run(["iptables-legacy-save"]).stdout  # kept while stopped: fail_mode closed
+    agent = AgentProcess(sbx, backend="iptables", fail_mode="closed")
+    agent.start()
+    try:
+        saved = sbx.run(["iptables-legacy-save"]).stdout
+        assert "IMDS_AGENT -" in saved and "IMDS_AGENT_IN" not in saved and "IMDS_AGENT_FWD" not in saved
+        assert curl(sbx, "web", f"{BASE}/meta-data/instance-id", timeout=2)[1] == "401"  # direct again, as before
+    finally:
+        agent.stop()

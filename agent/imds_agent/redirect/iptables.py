@@ -1,6 +1,7 @@
 """The iptables backend, for hosts that use legacy xtables: our own IMDS_AGENT chain in the nat table (the redirect,
 `-m owner ! --uid-owner`) and one in the filter table (the guard, see iptrules), each jumped to first from that
-table's OUTPUT; ip6tables for IPv6.
+table's OUTPUT; ip6tables for IPv6. With container interfaces, IMDS_AGENT_IN (nat, from PREROUTING) and
+IMDS_AGENT_FWD (filter, from FORWARD) as well (iptrules).
 
 The editing happens in iptworker processes (one per family and operation, see there for why); this class turns
 their JSON answers into the backend protocol. iptables cannot tie rules to a process, so fail_mode open after a
@@ -19,7 +20,7 @@ from .. import subproc
 from ..errors import RedirectError
 from ..privileges import CAP_NET_ADMIN, CAP_NET_RAW
 from . import iptrules
-from .base import CheckResult, RedirectSpec, RuleView, State
+from .base import IPTABLES_CHAIN, CheckResult, RedirectSpec, RuleView, State
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class IptablesBackend:
     name = "iptables"
     # libiptc talks to the kernel through a raw socket, so repairs need CAP_NET_RAW as well.
     capabilities: tuple[int, ...] = (CAP_NET_ADMIN, CAP_NET_RAW)
-    containers = False  # not yet: containers.enabled needs nftables
+    containers = True
 
     def __init__(self) -> None:
         self._reason = ""
@@ -143,15 +144,18 @@ class IptablesBackend:
         views: list[RuleView] = []
         present_any = False
         for family in iptrules.FAMILIES:
-            found = _worker(family, "state")["tables"]
-            for table in iptrules.TABLES:
-                part = found.get(table, {})
+            answer = _worker(family, "state")
+            found, containers = answer["tables"], answer.get("containers", {})
+            chains = [(t, found.get(t, {}), IPTABLES_CHAIN) for t in iptrules.TABLES]
+            chains += [(t, containers.get(t, {}), name) for t, name, _ in iptrules.CONTAINER_CHAINS]
+            for table, part, name in chains:
                 present_any = present_any or bool(part.get("chain")) or part.get("jumps", 0) > 0
                 for rule in part.get("rules", []):
-                    text = f"-t {table} {iptrules.render(rule)}"
+                    text = f"-t {table} {iptrules.render(rule, name)}"
                     views.append(RuleView(family, text, rule.get("packets"), rule.get("bytes")))
             if spec is not None:
                 details.extend(self._differences(family, found, wanted.get(family)))
+                details.extend(self._container_differences(family, containers, wanted.get(family)))
         if not present_any:
             return CheckResult(self.name, State.ABSENT, ("chain IMDS_AGENT is missing",), owned=False)
         return CheckResult(self.name, State.PARTIAL if details else State.PRESENT, tuple(details), tuple(views), False)
@@ -171,20 +175,37 @@ class IptablesBackend:
         return out
 
     @staticmethod
-    def _table_differences(label: str, found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    def _container_differences(family: str, found: dict[str, Any], wanted: Optional[dict[str, Any]]) -> list[str]:
+        """The container chains (``found``: per table, as the worker's state read them) against the spec's."""
+        parts = (wanted or {}).get("containers", [])
+        if not parts:
+            there = any(p.get("chain") or p.get("jumps") for p in found.values())
+            return [f"{family} container chains are installed but not wanted"] if there else []
+        empty = {"chain": False, "jumps": 0, "jump_first": False, "rules": []}
+        out: list[str] = []
+        for part in parts:
+            label = f"{family} {part['table']} "
+            got = found.get(part["table"], empty)
+            out.extend(IptablesBackend._table_differences(label, got, part, part["chain"], part["jump"]["from"]))
+        return out
+
+    @staticmethod
+    def _table_differences(
+        label: str, found: dict[str, Any], wanted: dict[str, Any], chain: str = "IMDS_AGENT", hook: str = "OUTPUT"
+    ) -> list[str]:
         out: list[str] = []
         if not found["chain"]:
-            out.append(f"{label}chain IMDS_AGENT is missing")
+            out.append(f"{label}chain {chain} is missing")
         if found["jumps"] == 0:
-            out.append(f"{label}jump from OUTPUT is missing")
+            out.append(f"{label}jump from {hook} is missing")
         elif found["jumps"] > 1:
-            out.append(f"{label}OUTPUT jumps to IMDS_AGENT {found['jumps']} times")
+            out.append(f"{label}{hook} jumps to {chain} {found['jumps']} times")
         elif not found["jump_first"]:
-            out.append(f"{label}jump is not the first rule in OUTPUT")
+            out.append(f"{label}jump is not the first rule in {hook}")
         have = [iptrules.significant(r) for r in found["rules"]]
         want = [iptrules.significant(r) for r in wanted["rules"]]
         if found["chain"] and have != want:
-            out.append(f"{label}rules differ: has {len(have)}, wants '{iptrules.render(wanted['rules'][0])}'")
+            out.append(f"{label}rules differ: has {len(have)}, wants '{iptrules.render(wanted['rules'][0], chain)}'")
         return out
 
     def close(self) -> None:

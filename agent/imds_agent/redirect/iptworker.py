@@ -9,7 +9,9 @@ that state entirely, and gives every edit a freshly read table, which is what li
     python -m imds_agent.redirect.iptworker FAMILY apply < family-rules.json
 
 A family's rules are our IMDS_AGENT chain in each of iptrules.TABLES (the redirect in nat, the guard in filter),
-each with one jump from that table's OUTPUT. libiptc commits one table at a time, so apply builds every rule and
+each with one jump from that table's OUTPUT, and, when the data names containers, the container chains
+(iptrules.CONTAINER_CHAINS) with their jumps from PREROUTING and FORWARD; without them, those chains are removed.
+libiptc commits one table at a time, so apply builds every rule and
 loads every table before it commits the first: a missing extension or table changes nothing.
 
 Prints one JSON object: {"ok": true, ...} or {"ok": false, "error": "..."}; exit code 0 either way unless the
@@ -23,7 +25,7 @@ import sys
 from typing import Any
 
 from .base import IPTABLES_CHAIN
-from .iptrules import TABLES
+from .iptrules import CONTAINER_CHAINS, TABLES
 
 TOOLS = {"ipv4": "iptables", "ipv6": "ip6tables"}
 TABLES_NAMES = {"ipv4": "/proc/net/ip_tables_names", "ipv6": "/proc/net/ip6_tables_names"}
@@ -80,6 +82,8 @@ def _chain(table: Any, name: str) -> Any:
 
 def _describe(rule: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"dst": _prefix(rule.dst), "protocol": rule.protocol}
+    if rule.in_interface:
+        out["in_interface"] = rule.in_interface
     for match in rule.matches:
         params = match.get_all_parameters()
         if match.name == "tcp" and "dport" in params:
@@ -94,6 +98,8 @@ def _describe(rule: Any) -> dict[str, Any]:
     target = rule.target.get_all_parameters()
     if rule.target.name == "DNAT":
         out["to"] = target.get("to-destination", [""])[0]
+    elif rule.target.name == "REDIRECT":
+        out["to_ports"] = target.get("to-ports", [""])[0]
     elif rule.target.name == "REJECT":
         out["reject_with"] = target.get("reject-with", [""])[0]
     packets, nbytes = rule.get_counters()
@@ -111,14 +117,14 @@ def _prefix(dst: str) -> str:
     return dst
 
 
-def _table_state(table: Any) -> dict[str, Any]:
-    chain = _chain(table, IPTABLES_CHAIN)
-    output = _chain(table, "OUTPUT")
-    jumps = [r for r in output.rules if r.target.name == IPTABLES_CHAIN] if output is not None else []
+def _table_state(table: Any, name: str = IPTABLES_CHAIN, hook: str = "OUTPUT") -> dict[str, Any]:
+    chain = _chain(table, name)
+    output = _chain(table, hook)
+    jumps = [r for r in output.rules if r.target.name == name] if output is not None else []
     return {
         "chain": chain is not None,
         "jumps": len(jumps),
-        "jump_first": bool(output is not None and output.rules and output.rules[0].target.name == IPTABLES_CHAIN),
+        "jump_first": bool(output is not None and output.rules and output.rules[0].target.name == name),
         "rules": [_describe(r) for r in chain.rules] if chain is not None else [],
     }
 
@@ -130,7 +136,11 @@ def state(family: str) -> dict[str, Any]:
     return {
         "tables": {
             name: _table_state(_table(family, name)) if _registered(family, name) else dict(empty) for name in TABLES
-        }
+        },
+        "containers": {
+            name: _table_state(_table(family, name), chain, hook) if _registered(family, name) else dict(empty)
+            for name, chain, hook in CONTAINER_CHAINS
+        },
     }
 
 
@@ -139,11 +149,14 @@ def _make_rule(family: str, spec: dict[str, Any]) -> Any:
     rule = rule_cls()
     rule.protocol = spec["protocol"]
     rule.dst = spec["dst"]
+    if spec.get("in_interface"):
+        rule.in_interface = spec["in_interface"]
     rule.create_match("tcp").dport = spec["dport"]
-    owner = rule.create_match("owner")
-    if spec.get("socket_exists"):
-        owner.socket_exists = ""
-    owner.uid_owner = spec["uid_owner"]
+    if "uid_owner" in spec:
+        owner = rule.create_match("owner")
+        if spec.get("socket_exists"):
+            owner.socket_exists = ""
+        owner.uid_owner = spec["uid_owner"]
     rule.create_match("comment").comment = spec["comment"]
     name = spec.get("target", "DNAT")
     try:
@@ -154,19 +167,21 @@ def _make_rule(family: str, spec: dict[str, Any]) -> Any:
         raise Unavailable(f"{TOOLS[family]} {name} target is unavailable{needs}: {exc}") from None
     if name == "DNAT":
         target.to_destination = spec["to"]
+    elif name == "REDIRECT":
+        target.to_ports = spec["to_ports"]
     else:
         target.reject_with = spec["reject_with"]
     return rule
 
 
-def _fill(family: str, table: Any, chain_name: str, rules: list[Any], comment: str) -> None:
-    """Make our chain hold exactly ``rules`` and OUTPUT hold exactly one jump to it, first (not committed)."""
+def _fill(family: str, table: Any, chain_name: str, rules: list[Any], comment: str, hook: str = "OUTPUT") -> None:
+    """Make our chain hold exactly ``rules`` and ``hook`` hold exactly one jump to it, first (not committed)."""
     _, _, rule_cls = _tables(family)
     chain = _chain(table, chain_name) or table.create_chain(chain_name)
     chain.flush()
     for rule in rules:
         chain.append_rule(rule)
-    output = _chain(table, "OUTPUT")
+    output = _chain(table, hook)
     for rule in [r for r in output.rules if r.target.name == chain_name]:
         output.delete_rule(rule)
     jump = rule_cls()
@@ -187,39 +202,58 @@ def _commit(family: str, name: str, table: Any) -> None:
 
 
 def apply(family: str, data: dict[str, Any]) -> dict[str, Any]:
-    """For each table in ``data['tables']`` (nat, then filter), make our chain hold exactly its rules and that
-    table's OUTPUT hold exactly one jump to it, first; one commit per table."""
-    parts = data["tables"]
+    """For each part of ``data['tables']`` and ``data['containers']``, make its chain hold exactly its rules and its
+    hook hold exactly one jump to it, first; one commit per table (nat, then filter)."""
+    parts = data["tables"] + data.get("containers", [])
     rules = [
         [_make_rule(family, r) for r in part["rules"]] for part in parts
     ]  # built first: a bad rule changes nothing
-    tables = [_table(family, part["table"]) for part in parts]  # and every table loads before the first commit
-    for part, table, built in zip(parts, tables, rules):
-        _fill(family, table, part["chain"], built, part["jump"]["comment"])
-        _commit(family, part["table"], table)
+    # Every table loads before the first commit, once: python-iptables hands out one object per table, and a
+    # table committed once is stale for a second commit (EAGAIN), so each table's chains go in one commit.
+    tables = {part["table"]: None for part in parts}
+    loaded = {name: _table(family, name) for name in tables}
+    for part, built in zip(parts, rules):
+        hook = part["jump"].get("from", "OUTPUT")
+        _fill(family, loaded[part["table"]], part["chain"], built, part["jump"]["comment"], hook)
+    for name, table in loaded.items():
+        _commit(family, name, table)
+    if not data.get("containers"):
+        _remove_chains(family, [(t, c, h) for t, c, h in reversed(CONTAINER_CHAINS)])
     return {"applied": sum(len(built) for built in rules)}
 
 
 def remove(family: str) -> dict[str, Any]:
     """Delete every jump to our chain, then the chain, in each table (the guard first); one commit per table.
     A table the kernel has not registered is not loaded: it cannot hold anything of ours."""
+    ours = [(t, c, h) for t, c, h in reversed(CONTAINER_CHAINS)] + [
+        (t, IPTABLES_CHAIN, "OUTPUT") for t in reversed(TABLES)
+    ]
+    return {"removed": _remove_chains(family, ours)}
+
+
+def _remove_chains(family: str, chains: list[tuple[str, str, str]]) -> bool:
+    """Delete each (table, chain, hook): the jumps to the chain from its hook, then the chain; one commit per
+    table and chain. Returns whether anything was there."""
     removed = False
-    for name in reversed(TABLES):
+    for name, chain_name, hook in chains:
         if not _registered(family, name):
             continue
         table = _table(family, name)
-        output = _chain(table, "OUTPUT")
+        output = _chain(table, hook)
+        touched = False
         if output is not None:
-            for rule in [r for r in output.rules if r.target.name == IPTABLES_CHAIN]:
+            for rule in [r for r in output.rules if r.target.name == chain_name]:
                 output.delete_rule(rule)
-                removed = True
-        chain = _chain(table, IPTABLES_CHAIN)
+                touched = True
+        chain = _chain(table, chain_name)
         if chain is not None:
             chain.flush()
             chain.delete()
-            removed = True
-        _commit(family, name, table)
-    return {"removed": removed}
+            touched = True
+        if touched:
+            _commit(family, name, table)
+        removed = removed or touched
+    return removed
 
 
 def usage(family: str) -> dict[str, Any]:

@@ -94,8 +94,8 @@ class Interception:
         """Apply the rules (and arm the guardian first where one is needed); return the time taken in seconds."""
         if self.spec.container_ifaces and not self.backend.containers:
             raise RedirectError(
-                f"containers.enabled needs the nftables backend; {self.backend.name} does not intercept containers "
-                "yet (set redirect.backend: nftables, or containers.enabled: false)"
+                f"containers.enabled needs a netfilter backend; {self.backend.name} does not intercept containers "
+                "yet (set redirect.backend: nftables or iptables, or containers.enabled: false)"
             )
         if self.fail_open and not self.owned:
             from .guardian import start_guardian

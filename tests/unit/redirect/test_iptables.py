@@ -302,6 +302,7 @@ class FakeRule:
         self.target = Named(target, {"to-destination": [to]} if to else {})
         self.dst = dst
         self.protocol = "tcp"
+        self.in_interface: Optional[str] = None
         self.matches = list(matches)
 
     def get_counters(self) -> tuple[int, int]:
@@ -501,7 +502,7 @@ def test_apply_commits_the_redirect_then_the_guard_and_remove_takes_both_guard_f
 def test_remove_skips_a_table_the_kernel_never_registered(monkeypatch: pytest.MonkeyPatch) -> None:
     kernel = on(monkeypatch, Kernel(tables=("nat",)), registered=("nat",))
     assert iptworker.remove("ipv6") == {"removed": False}
-    assert kernel.commits == ["nat"]
+    assert kernel.commits == []  # nothing of ours was there: nothing to commit, and filter is never loaded
 
 
 def answer(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict[str, Any]:
@@ -578,3 +579,27 @@ def test_worker_failures_are_answers_not_crashes(
     assert json.loads(capsys.readouterr().out) == {"ok": False, "error": "OSError: libxtables not found"}
     assert iptworker.main(["ipv5", "state"]) == 2
     assert json.loads(capsys.readouterr().out)["ok"] is False
+
+
+CONTAINER_SPEC = RedirectSpec(exempt_uid=990, listen_port=968, container_ifaces=("docker*",), container_port=969)
+
+
+def container_state(spec: RedirectSpec, family: str = "ipv4") -> dict[str, Any]:
+    parts = iptrules.build_rules(spec)[family].get("containers", [])
+    return {p["table"]: {"chain": True, "jumps": 1, "jump_first": True, "rules": p["rules"]} for p in parts}
+
+
+def test_container_chains_as_wanted_have_no_differences() -> None:
+    wanted = iptrules.build_rules(CONTAINER_SPEC)["ipv4"]
+    assert IptablesBackend._container_differences("ipv4", container_state(CONTAINER_SPEC), wanted) == []
+
+
+def test_a_missing_container_jump_and_unwanted_container_chains_are_named() -> None:
+    wanted = iptrules.build_rules(CONTAINER_SPEC)["ipv4"]
+    found = container_state(CONTAINER_SPEC)
+    found["nat"] = dict(found["nat"], jumps=0)
+    assert IptablesBackend._container_differences("ipv4", found, wanted) == ["ipv4 nat jump from PREROUTING is missing"]
+    plain = iptrules.build_rules(RedirectSpec(exempt_uid=990, listen_port=968))["ipv4"]
+    assert IptablesBackend._container_differences("ipv4", container_state(CONTAINER_SPEC), plain) == [
+        "ipv4 container chains are installed but not wanted"
+    ]

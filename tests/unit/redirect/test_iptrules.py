@@ -15,6 +15,9 @@ GOLDEN = Path(__file__).parent / "golden"
 CASES = {
     "ipt_v4v6": RedirectSpec(exempt_uid=990, listen_port=8775),
     "ipt_v4": RedirectSpec(exempt_uid=0, listen_port=9000, with_ipv6=False),
+    "ipt_containers": RedirectSpec(
+        exempt_uid=990, listen_port=968, container_ifaces=("docker*", "cni0"), container_port=969
+    ),  # fmt: skip
 }
 
 
@@ -57,3 +60,26 @@ def test_significant_ignores_counters() -> None:
     seen = dict(rule, packets=7, bytes=420, target="DNAT")
     assert iptrules.significant(seen) == iptrules.significant(rule)
     assert iptrules.significant(dict(rule, target="REJECT", reject_with="tcp-reset")) != iptrules.significant(rule)
+
+
+def test_container_rules_read_like_iptables_save() -> None:
+    redirect = iptrules.container_rule("169.254.169.254", 32, 80, "docker*", 969)
+    assert iptrules.render(redirect, "IMDS_AGENT_IN") == (
+        "-A IMDS_AGENT_IN -i docker+ -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -m comment --comment imds_agent "
+        "-j REDIRECT --to-ports 969"
+    )
+    guard = iptrules.container_guard_rule("fd00:ec2::254", 128, 80, "cni0")
+    assert iptrules.render(guard, "IMDS_AGENT_FWD").endswith("-j REJECT --reject-with tcp-reset")
+    assert "-i cni0 " in iptrules.render(guard, "IMDS_AGENT_FWD")
+
+
+def test_container_chains_come_only_with_container_interfaces() -> None:
+    assert "containers" not in iptrules.build_rules(RedirectSpec(exempt_uid=990, listen_port=968))["ipv4"]
+    spec = RedirectSpec(exempt_uid=990, listen_port=968, container_ifaces=("docker*",), container_port=969)
+    parts = iptrules.build_rules(spec)["ipv4"]["containers"]
+    assert [(p["table"], p["chain"], p["jump"]["from"]) for p in parts] == [
+        ("nat", "IMDS_AGENT_IN", "PREROUTING"),
+        ("filter", "IMDS_AGENT_FWD", "FORWARD"),
+    ]
+    # Container connections are redirected whatever their uid: a uid inside a container means nothing here.
+    assert all("uid_owner" not in r for p in parts for r in p["rules"])

@@ -55,10 +55,10 @@ def test_container_interfaces_reach_the_spec_only_with_a_container_listener() ->
 
 def test_a_backend_that_cannot_intercept_containers_refuses_a_container_spec_before_any_rule() -> None:
     # Containers would silently bypass the agent: refusing to start says so instead.
-    backend = FakeBackend("iptables", containers=False)
+    backend = FakeBackend("ebpf", containers=False)
     spec = RedirectSpec(exempt_uid=990, listen_port=968, container_ifaces=("docker*",), container_port=969)
     icpt = Interception(RedirectConfig(fail_mode="closed", reconcile_interval=0), spec, backend)  # type: ignore[arg-type]
-    with pytest.raises(RedirectError, match="containers.enabled needs the nftables backend; iptables"):
+    with pytest.raises(RedirectError, match="containers.enabled needs a netfilter backend; ebpf"):
         icpt.install()
     assert backend.calls == []
 
