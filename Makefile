@@ -4,7 +4,7 @@ PYTHON ?= /usr/bin/python3
 VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := python3-venv python3-dev nftables iptables iproute2 util-linux curl procps systemd \
-	debootstrap systemd-container lintian rpm rpmlint
+	debootstrap systemd-container lintian rpm rpmlint docker.io containerd runc
 export PATH := /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 .PHONY: all deps venv demo test compat lint unit bench e2e deb rpm distributor clean
