@@ -88,7 +88,9 @@ def test_hop_limit_1_starves_a_container_without_the_agent_and_the_agent_serves_
 
 @pytest.mark.parametrize("backend", ["nftables", "iptables"])
 def test_the_container_listener_serves_only_local_containers_the_redirect_sent(sbx: Sandbox, backend: str) -> None:
-    agent = AgentProcess(sbx, mode="audit", backend=backend, extra=CONTAINERS).start()
+    # No reconciler, and a table no process owns: the test takes the kernel's own listener guard away below.
+    agent = AgentProcess(sbx, mode="audit", backend=backend, extra=CONTAINERS, reconcile_interval=0,
+                         fail_mode="closed").start()  # fmt: skip
     try:
         # Another host on the bridge's segment, routing 169.254.169.254 through this one: its socket lives in a
         # network stack no process of this host is in (here a namespace with no process, where the test opens
@@ -106,8 +108,17 @@ def test_the_container_listener_serves_only_local_containers_the_redirect_sent(s
             sock.sendall(b"GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n")
             answer = sock.recv(4096).decode()
         assert answer.startswith("HTTP/1.1 403") and "no local container holds" in answer
-        # A container dialling the listener itself (not the metadata service), and a host process doing so.
-        code, status, body = curl(sbx, "web", f"http://{BRIDGE_V4}:969/latest/meta-data/instance-id")
+        # A container dialling the listener itself (not the metadata service), and a host process doing so: the
+        # kernel resets them (no redirect translated them) before the agent sees them.
+        direct = f"http://{BRIDGE_V4}:969/latest/meta-data/instance-id"
+        assert curl(sbx, "web", direct)[:2] == (7, "000")
+        assert curl(sbx, "host", "http://127.0.0.1:969/latest/meta-data/instance-id")[:2] == (7, "000")
+        # Without that rule the agent refuses them itself.
+        if backend == "nftables":
+            sbx.run(["nft", "flush", "chain", "inet", "imds_agent", "input_guard"], check=True)
+        else:
+            sbx.run(["iptables-legacy", "-F", "IMDS_AGENT_LSN"], check=True)
+        code, status, body = curl(sbx, "web", direct)
         assert status == "403" and "not a redirected container connection" in body
         assert curl(sbx, "host", "http://127.0.0.1:969/latest/meta-data/instance-id")[1] == "403"
         assert sbx.emulator_control.counters().get("requests", 0) == before  # none of them went upstream

@@ -147,7 +147,7 @@ class IptablesBackend:
             answer = _worker(family, "state")
             found, containers = answer["tables"], answer.get("containers", {})
             chains = [(t, found.get(t, {}), IPTABLES_CHAIN) for t in iptrules.TABLES]
-            chains += [(t, containers.get(t, {}), name) for t, name, _ in iptrules.CONTAINER_CHAINS]
+            chains += [(t, containers.get(name, {}), name) for t, name, _ in iptrules.CONTAINER_CHAINS]
             for table, part, name in chains:
                 present_any = present_any or bool(part.get("chain")) or part.get("jumps", 0) > 0
                 for rule in part.get("rules", []):
@@ -176,7 +176,7 @@ class IptablesBackend:
 
     @staticmethod
     def _container_differences(family: str, found: dict[str, Any], wanted: Optional[dict[str, Any]]) -> list[str]:
-        """The container chains (``found``: per table, as the worker's state read them) against the spec's."""
+        """The container chains (``found``: per chain, as the worker's state read them) against the spec's."""
         parts = (wanted or {}).get("containers", [])
         if not parts:
             there = any(p.get("chain") or p.get("jumps") for p in found.values())
@@ -185,7 +185,7 @@ class IptablesBackend:
         out: list[str] = []
         for part in parts:
             label = f"{family} {part['table']} "
-            got = found.get(part["table"], empty)
+            got = found.get(part["chain"], empty)
             out.extend(IptablesBackend._table_differences(label, got, part, part["chain"], part["jump"]["from"]))
         return out
 

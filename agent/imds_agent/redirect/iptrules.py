@@ -21,7 +21,9 @@ through a socket it no longer holds.
 With container interfaces in the spec, two more chains per family catch connections entering from containers with
 network namespaces of their own (they never pass OUTPUT): IMDS_AGENT_IN in nat, jumped to first from PREROUTING
 (``-i docker+ ... -j REDIRECT --to-ports <container port>``), and IMDS_AGENT_FWD in filter, jumped to first from
-FORWARD (what the redirect missed from those interfaces is reset, as the guard does).
+FORWARD (what the redirect missed from those interfaces is reset, as the guard does). A third, IMDS_AGENT_LSN in
+filter from INPUT, resets connections to the container listener's port that no redirect translated
+(``-m conntrack ! --ctstate DNAT``): the listener is on every address, and only redirected connections are for it.
 """
 
 from __future__ import annotations
@@ -34,10 +36,14 @@ FAMILIES = ("ipv4", "ipv6")
 #: The tables we own a chain in, in the order they are applied (the redirect before the guard, so that no new
 #: connection is reset while the redirect is still missing); removal goes the other way.
 TABLES = ("nat", "filter")
-SIGNIFICANT = ("dst", "protocol", "dport", "in_interface", "uid_owner", "socket_exists", "comment", "target", "to",
-               "to_ports", "reject_with")  # fmt: skip
+SIGNIFICANT = ("dst", "protocol", "dport", "in_interface", "uid_owner", "socket_exists", "ctstate", "comment",
+               "target", "to", "to_ports", "reject_with")  # fmt: skip
 #: The container chains: (table, chain, the built-in chain that jumps to it).
-CONTAINER_CHAINS = (("nat", "IMDS_AGENT_IN", "PREROUTING"), ("filter", "IMDS_AGENT_FWD", "FORWARD"))
+CONTAINER_CHAINS = (
+    ("nat", "IMDS_AGENT_IN", "PREROUTING"),
+    ("filter", "IMDS_AGENT_FWD", "FORWARD"),
+    ("filter", "IMDS_AGENT_LSN", "INPUT"),
+)
 
 
 def rule(daddr: str, prefix: int, dport: int, exempt_uid: int, to: str) -> dict[str, str]:
@@ -96,14 +102,23 @@ def container_guard_rule(daddr: str, prefix: int, dport: int, pattern: str) -> d
             "comment": OWNER_NAME, "target": "REJECT", "reject_with": "tcp-reset"}  # fmt: skip
 
 
+def listener_guard_rule(any_address: str, port: int) -> dict[str, str]:
+    """The container listener's port dialled directly (no redirect translated the connection) is reset."""
+    return {"dst": any_address, "protocol": "tcp", "dport": str(port), "ctstate": "!DNAT", "comment": OWNER_NAME,
+            "target": "REJECT", "reject_with": "tcp-reset"}  # fmt: skip
+
+
 def _containers(daddr: str, prefix: int, spec: RedirectSpec) -> list[dict[str, Any]]:
-    (nat, nat_chain, nat_from), (filt, filt_chain, filt_from) = CONTAINER_CHAINS
+    (nat, nat_chain, nat_from), (filt, filt_chain, filt_from), (_, lsn_chain, lsn_from) = CONTAINER_CHAINS
     pats = spec.container_ifaces
+    any_address = "0.0.0.0/0" if prefix == 32 else "::/0"
     return [
         {"table": nat, "chain": nat_chain, "jump": {"from": nat_from, "comment": OWNER_NAME},
          "rules": [container_rule(daddr, prefix, spec.port, p, spec.container_port) for p in pats]},
         {"table": filt, "chain": filt_chain, "jump": {"from": filt_from, "comment": OWNER_NAME},
          "rules": [container_guard_rule(daddr, prefix, spec.port, p) for p in pats]},
+        {"table": filt, "chain": lsn_chain, "jump": {"from": lsn_from, "comment": OWNER_NAME},
+         "rules": [listener_guard_rule(any_address, spec.container_port)]},
     ]  # fmt: skip
 
 
@@ -127,6 +142,9 @@ def render(r: dict[str, Any], chain: str = IPTABLES_CHAIN) -> str:
     if r.get("socket_exists"):
         owner = f"--socket-exists {owner}"
     owner = f"-m owner {owner} " if uid else ""
+    if r.get("ctstate"):
+        state = str(r["ctstate"])
+        owner += f"-m conntrack {'! ' if state.startswith('!') else ''}--ctstate {state.lstrip('!')} "
     into = f"-i {r.get('in_interface')} " if r.get("in_interface") else ""
     if r.get("target", "DNAT") == "DNAT":
         target = f"DNAT --to-destination {r.get('to')}"

@@ -92,6 +92,8 @@ def _describe(rule: Any) -> dict[str, Any]:
             out["uid_owner"] = "".join(params["uid-owner"])
             if "socket-exists" in params:
                 out["socket_exists"] = True
+        elif match.name == "conntrack" and "ctstate" in params:
+            out["ctstate"] = "".join(params["ctstate"])
         elif match.name == "comment":
             out["comment"] = params.get("comment", [""])[0]
     out["target"] = rule.target.name
@@ -137,8 +139,8 @@ def state(family: str) -> dict[str, Any]:
         "tables": {
             name: _table_state(_table(family, name)) if _registered(family, name) else dict(empty) for name in TABLES
         },
-        "containers": {
-            name: _table_state(_table(family, name), chain, hook) if _registered(family, name) else dict(empty)
+        "containers": {  # by chain: two of them are in filter
+            chain: _table_state(_table(family, name), chain, hook) if _registered(family, name) else dict(empty)
             for name, chain, hook in CONTAINER_CHAINS
         },
     }
@@ -152,6 +154,8 @@ def _make_rule(family: str, spec: dict[str, Any]) -> Any:
     if spec.get("in_interface"):
         rule.in_interface = spec["in_interface"]
     rule.create_match("tcp").dport = spec["dport"]
+    if "ctstate" in spec:
+        rule.create_match("conntrack").ctstate = spec["ctstate"]
     if "uid_owner" in spec:
         owner = rule.create_match("owner")
         if spec.get("socket_exists"):

@@ -49,7 +49,7 @@ SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES = 270, 1, 7
 PROBE_TABLE = "imds_agent_probe"
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-HOOKS = {"prerouting": 0, "forward": 2, "output": 3}
+HOOKS = {"prerouting": 0, "input": 1, "forward": 2, "output": 3}
 _HEADER = struct.Struct("=IHHII")
 
 
@@ -58,7 +58,7 @@ def _expr_to_netlink(name: str, attrs: dict[str, Any]) -> dict[str, Any]:
     prefix = f"NFTA_{name.upper()}_"
     for key, value in attrs.items():
         if key == "key":
-            value = nftrules.META_KEYS[value]
+            value = nftrules.CT_KEYS[value] if name == "ct" else nftrules.META_KEYS[value]
         elif key == "op":
             value = nftrules.CMP_OPS[value]
         elif key == "base":
@@ -67,7 +67,7 @@ def _expr_to_netlink(name: str, attrs: dict[str, Any]) -> dict[str, Any]:
             value = nftrules.TYPES[name][value]
         elif key == "family":
             value = nftrules.NFPROTO[value]
-        elif key == "data":
+        elif key in ("data", "mask", "xor"):
             value = {"attrs": [("NFTA_DATA_VALUE", bytes.fromhex(value))]}
         data.append((prefix + key.upper(), value))
     if name == "counter":
@@ -82,6 +82,8 @@ def _name_value(name: str, key: str, raw: Any) -> Any:
             return int(raw.rsplit("_", 1)[1])
         if key == "key" and raw.startswith("NFT_META_"):
             return raw[len("NFT_META_") :].lower()
+        if key == "key" and raw.startswith("NFT_CT_"):
+            return raw[len("NFT_CT_") :].lower()
         if key == "op" and raw.startswith("NFT_CMP_"):
             return raw[len("NFT_CMP_") :].lower()
         if key == "base" and raw.startswith("NFT_PAYLOAD_"):
@@ -107,7 +109,7 @@ def _expr_from_netlink(expr: Any) -> tuple[list[Any], Optional[tuple[int, int]]]
     prefix = f"NFTA_{str(name).upper()}_"
     for nla_name, value in body["attrs"]:
         key = nla_name[len(prefix) :].lower() if nla_name.startswith(prefix) else nla_name.lower()
-        if key == "data":
+        if key in ("data", "mask", "xor"):
             attrs[key] = bytes(value.get_attr("NFTA_DATA_VALUE") or b"").hex()
         else:
             attrs[key] = _name_value(str(name), key, value)

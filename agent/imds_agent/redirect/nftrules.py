@@ -23,6 +23,9 @@ of their own, where they enter the host (they never pass the output hook):
   of the interface the connection came in on.
 - ``forward_guard`` (filter, priority 0): a packet from those interfaces still addressed to the metadata service
   is one the redirect did not translate (a connection older than the rules): reset, as the output guard does.
+- ``input_guard`` (filter, input hook): the container listener listens on every address, so a connection to its
+  port that no redirect translated (``ct status ! dnat``: someone dialling port 969 itself, from this host or
+  from another) is reset before it reaches the agent.
 """
 
 from __future__ import annotations
@@ -40,13 +43,17 @@ GUARD_CHAIN = "guard"
 GUARD_PRIORITY = 0  # NF_IP_PRI_FILTER: after every nat output chain, so only unredirected packets match
 PREROUTING_CHAIN = "prerouting"
 FORWARD_GUARD_CHAIN = "forward_guard"
+INPUT_GUARD_CHAIN = "input_guard"
 #: Our chains by name: (type, hook, priority). The order is the order they are created in.
 CHAINS = {
     CHAIN: ("nat", "output", PRIORITY),
     GUARD_CHAIN: ("filter", "output", GUARD_PRIORITY),
     PREROUTING_CHAIN: ("nat", "prerouting", PRIORITY),
     FORWARD_GUARD_CHAIN: ("filter", "forward", GUARD_PRIORITY),
+    INPUT_GUARD_CHAIN: ("filter", "input", GUARD_PRIORITY),
 }
+CT_KEYS = {"status": 2}
+IPS_DST_NAT = 0x20  # conntrack status bit: the destination was translated (DNAT, REDIRECT)
 IFNAMSIZ = 16
 NFPROTO = {"ipv4": 2, "ipv6": 10}
 META_KEYS = {"iifname": 6, "skuid": 10, "nfproto": 15, "l4proto": 16}
@@ -66,6 +73,8 @@ SIGNIFICANT = {
     "nat": ("type", "family", "reg_addr_min", "reg_proto_min"),
     "reject": ("type",),
     "redir": ("reg_proto_min",),
+    "ct": ("key", "dreg"),
+    "bitwise": ("sreg", "dreg", "len", "mask", "xor"),
 }
 
 Expr = list[Any]  # [name, {attr: value}]
@@ -142,6 +151,25 @@ def container_exprs(family: str, daddr: str, dport: int, iface: str, to_port: in
     ]
 
 
+def listener_guard_exprs(family: str, port: int) -> list[Expr]:
+    """``<family> tcp dport Q ct status ! dnat counter reject with tcp reset``: the container listener's port
+    dialled directly, not reached through a redirect."""
+    zero = b"\0\0\0\0"
+    return [
+        ["meta", {"key": "nfproto", "dreg": 1}],
+        _cmp("eq", bytes([NFPROTO[family]])),
+        ["meta", {"key": "l4proto", "dreg": 1}],
+        _cmp("eq", b"\x06"),
+        ["payload", {"dreg": 1, "base": "transport", "offset": 2, "len": 2}],
+        _cmp("eq", struct.pack(">H", port)),
+        ["ct", {"key": "status", "dreg": 1}],
+        ["bitwise", {"sreg": 1, "dreg": 1, "len": 4, "mask": struct.pack("=I", IPS_DST_NAT).hex(), "xor": zero.hex()}],
+        _cmp("eq", zero),
+        ["counter", {}],
+        ["reject", {"type": "tcp_rst"}],
+    ]
+
+
 def _families(spec: RedirectSpec) -> list[tuple[str, str]]:
     return [("ipv4", spec.ipv4)] + ([("ipv6", spec.ipv6)] if spec.with_ipv6 else [])
 
@@ -158,7 +186,8 @@ def expected_container_chains(spec: RedirectSpec) -> dict[str, dict[str, list[Ex
             key = f"{family} iifname {iface}"
             redirect[key] = container_exprs(family, daddr, spec.port, iface, spec.container_port)
             guard[key] = _match(family, daddr, spec.port, iface=iface) + [["reject", {"type": "tcp_rst"}]]
-    return {PREROUTING_CHAIN: redirect, FORWARD_GUARD_CHAIN: guard}
+    listener = {family: listener_guard_exprs(family, spec.container_port) for family, _ in _families(spec)}
+    return {PREROUTING_CHAIN: redirect, FORWARD_GUARD_CHAIN: guard, INPUT_GUARD_CHAIN: listener}
 
 
 def expected_chains(spec: RedirectSpec) -> dict[str, dict[str, list[Expr]]]:
@@ -227,8 +256,10 @@ def render(exprs: list[Expr]) -> str:
     loaded: Optional[tuple[str, Any]] = None
     regs: dict[int, bytes] = {}
     for name, attrs in exprs:
-        if name in ("meta", "payload"):
+        if name in ("meta", "payload", "ct"):
             loaded = (name, attrs)
+        elif name == "bitwise" and loaded is not None:
+            loaded = (loaded[0], dict(loaded[1], mask=attrs.get("mask")))
         elif name == "cmp" and loaded is not None:
             value = bytes.fromhex(attrs.get("data", ""))
             op = "!= " if attrs.get("op") == "neq" else ""
@@ -256,6 +287,11 @@ def render(exprs: list[Expr]) -> str:
 
 def _describe_match(loaded: tuple[str, Any], value: bytes, op: str) -> str:
     kind, attrs = loaded
+    if kind == "ct":
+        mask = bytes.fromhex(attrs.get("mask") or "")
+        if attrs.get("key") == "status" and mask == struct.pack("=I", IPS_DST_NAT):
+            return "ct status dnat" if op or any(value) else "ct status ! dnat"
+        return f"ct {attrs.get('key')} {op}{value.hex()}"
     if kind == "meta":
         key = attrs.get("key")
         if key == "nfproto":

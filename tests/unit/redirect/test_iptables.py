@@ -586,7 +586,7 @@ CONTAINER_SPEC = RedirectSpec(exempt_uid=990, listen_port=968, container_ifaces=
 
 def container_state(spec: RedirectSpec, family: str = "ipv4") -> dict[str, Any]:
     parts = iptrules.build_rules(spec)[family].get("containers", [])
-    return {p["table"]: {"chain": True, "jumps": 1, "jump_first": True, "rules": p["rules"]} for p in parts}
+    return {p["chain"]: {"chain": True, "jumps": 1, "jump_first": True, "rules": p["rules"]} for p in parts}
 
 
 def test_container_chains_as_wanted_have_no_differences() -> None:
@@ -597,7 +597,7 @@ def test_container_chains_as_wanted_have_no_differences() -> None:
 def test_a_missing_container_jump_and_unwanted_container_chains_are_named() -> None:
     wanted = iptrules.build_rules(CONTAINER_SPEC)["ipv4"]
     found = container_state(CONTAINER_SPEC)
-    found["nat"] = dict(found["nat"], jumps=0)
+    found["IMDS_AGENT_IN"] = dict(found["IMDS_AGENT_IN"], jumps=0)
     assert IptablesBackend._container_differences("ipv4", found, wanted) == ["ipv4 nat jump from PREROUTING is missing"]
     plain = iptrules.build_rules(RedirectSpec(exempt_uid=990, listen_port=968))["ipv4"]
     assert IptablesBackend._container_differences("ipv4", container_state(CONTAINER_SPEC), plain) == [

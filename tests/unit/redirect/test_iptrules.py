@@ -80,6 +80,12 @@ def test_container_chains_come_only_with_container_interfaces() -> None:
     assert [(p["table"], p["chain"], p["jump"]["from"]) for p in parts] == [
         ("nat", "IMDS_AGENT_IN", "PREROUTING"),
         ("filter", "IMDS_AGENT_FWD", "FORWARD"),
+        ("filter", "IMDS_AGENT_LSN", "INPUT"),
     ]
     # Container connections are redirected whatever their uid: a uid inside a container means nothing here.
     assert all("uid_owner" not in r for p in parts for r in p["rules"])
+    # The container listener's port, dialled directly rather than through the redirect, is reset.
+    assert iptrules.render(parts[2]["rules"][0], "IMDS_AGENT_LSN") == (
+        "-A IMDS_AGENT_LSN -d 0.0.0.0/0 -p tcp -m tcp --dport 969 -m conntrack ! --ctstate DNAT "
+        "-m comment --comment imds_agent -j REJECT --reject-with tcp-reset"
+    )

@@ -413,9 +413,9 @@ CONTAINERS = RedirectSpec(
 
 def container_chains() -> list[Any]:
     chains = our_chains()
-    for name in (nftrules.PREROUTING_CHAIN, nftrules.FORWARD_GUARD_CHAIN):
+    for name in (nftrules.PREROUTING_CHAIN, nftrules.FORWARD_GUARD_CHAIN, nftrules.INPUT_GUARD_CHAIN):
         kind, hook, priority = nftrules.CHAINS[name]
-        chains.append(chain_message(kind, priority, name, hooknum={"prerouting": 0, "forward": 2}[hook]))
+        chains.append(chain_message(kind, priority, name, hooknum={"prerouting": 0, "input": 1, "forward": 2}[hook]))
     return chains
 
 
@@ -432,6 +432,7 @@ def test_container_chains_on_the_wrong_hook_are_reported() -> None:
     chains = our_chains() + [
         chain_message("nat", nftrules.PRIORITY, nftrules.PREROUTING_CHAIN, hooknum=3),
         chain_message("filter", 0, nftrules.FORWARD_GUARD_CHAIN, hooknum=2),
+        chain_message("filter", 0, nftrules.INPUT_GUARD_CHAIN, hooknum=1),
     ]
     assert differences(chains, installed(CONTAINERS), CONTAINERS) == [
         "chain prerouting is not a nat chain on prerouting at priority -150"
@@ -441,5 +442,6 @@ def test_container_chains_on_the_wrong_hook_are_reported() -> None:
 def test_container_chains_left_after_containers_are_switched_off_are_reported() -> None:
     assert differences(container_chains(), installed(SPEC)) == [
         "chain forward_guard is not wanted",
+        "chain input_guard is not wanted",
         "chain prerouting is not wanted",
     ]

@@ -99,3 +99,9 @@ def test_container_chains_come_only_with_container_interfaces() -> None:
     # Container connections are redirected whatever their uid: the uid inside a container means nothing here.
     assert all("skuid" not in nftrules.render(e) for e in chains[nftrules.PREROUTING_CHAIN].values())
     assert all(e[-1][0] == "reject" for e in chains[nftrules.FORWARD_GUARD_CHAIN].values())
+
+
+def test_the_listener_guard_resets_what_no_redirect_translated() -> None:
+    exprs = nftrules.listener_guard_exprs("ipv4", 969)
+    assert nftrules.render(exprs) == "meta l4proto tcp tcp dport 969 ct status ! dnat counter reject with tcp reset"
+    assert nftrules.rule_key(exprs) == "ipv4"
