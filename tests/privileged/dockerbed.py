@@ -746,8 +746,10 @@ def _close(stream: Optional[IO[bytes]]) -> None:
 def docker_daemon(netns: str, workdir: Path) -> Iterator[Docker]:
     """dockerd and containerd running in network namespace ``netns`` (which the caller made and deletes), with all
     their state under ``workdir`` (made if missing, else it must be empty; removed afterwards); see the module
-    docstring. Raises DockerUnavailable when this kernel cannot run them, AssertionError when the packages are
-    missing (the Makefile's apt step installs them) or a daemon does not start."""
+    docstring. Give it a directory of its own, such as ``tmp_path / "docker"``: teardown kills every process whose
+    arguments name a path under it. Raises DockerUnavailable when this kernel cannot run the daemons,
+    AssertionError when the packages are missing (the Makefile's apt step installs them) or a daemon does not
+    start."""
     if os.geteuid() != 0:
         raise DockerUnavailable("needs root")
     missing = [b for b in BINARIES if shutil.which(b, path=ENV["PATH"]) is None]
