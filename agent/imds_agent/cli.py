@@ -70,7 +70,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         extra += f"; only in containers with {rule.workload.describe()}" if rule.workload is not None else ""
         print(f"  - {rule.name} [{rule.source}]: {who} -> {', '.join(rule.paths)}{extra}")
     print(f"audit: {config.audit.log}, state {config.audit.state_dir}")
-    for warning in trust_warnings(policy):
+    from .redirect.coverage import coverage_lines
+
+    for warning in trust_warnings(policy) + coverage_lines(config.containers):
         print(f"warning: {warning}")
     return EXIT_OK
 
@@ -218,7 +220,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .audit.inventory import Entry
 
     since = time.time() - args.hours * 3600 if args.hours else None
-    live = _live(_load(args), "report")
+    config = _load(args)
+    live = _live(config, "report")
     inventory = None if live is not None else _inventory(args)
     entries = inventory.entries() if inventory is not None else [Entry(**e) for e in live or []]
     rows = report.report(entries, since)
@@ -228,6 +231,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(report.render_table(rows))
         if inventory is not None and (inventory.evicted or inventory.overflowed):
             print(report.bound_note(inventory.evicted, inventory.overflowed))
+        from .redirect.coverage import coverage_lines
+
+        for line in coverage_lines(config.containers):
+            print(line)
     return EXIT_OK
 
 

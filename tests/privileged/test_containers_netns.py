@@ -9,12 +9,14 @@ container dialling the listener itself, a host process).
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 
 import pytest
-from pyroute2 import netns
+from pyroute2 import IPRoute, netns
 
 from imds_agent.sandbox.agentproc import AgentProcess
 from imds_agent.sandbox.netns import BRIDGE_V4, Sandbox, wait_for
@@ -141,7 +143,7 @@ def test_switching_containers_off_leaves_no_container_rule(sbx: Sandbox) -> None
     agent = AgentProcess(sbx, backend="iptables", fail_mode="closed", extra=CONTAINERS).start()
     agent.stop()
     assert "IMDS_AGENT_IN" in sbx.run(["iptables-legacy-save"]).stdout  # kept while stopped: fail_mode closed
-    agent = AgentProcess(sbx, backend="iptables", fail_mode="closed")
+    agent = AgentProcess(sbx, backend="iptables", fail_mode="closed", extra="containers: {enabled: false}\n")
     agent.start()
     try:
         saved = sbx.run(["iptables-legacy-save"]).stdout
@@ -149,3 +151,44 @@ def test_switching_containers_off_leaves_no_container_rule(sbx: Sandbox) -> None
         assert curl(sbx, "web", f"{BASE}/meta-data/instance-id", timeout=2)[1] == "401"  # direct again, as before
     finally:
         agent.stop()
+
+
+def test_report_names_the_network_namespaces_the_redirect_does_not_cover(sbx: Sandbox) -> None:
+    # "web" is behind docker0 (covered). "side" has a veth into the host namespace under a name the interfaces
+    # setting does not list; "lonely" has loopback only and reaches nothing.
+    side = sbx.add_container("side", "172.30.0.7")
+    with IPRoute(netns=sbx.host_ns) as ipr:
+        idx = ipr.link_lookup(ifname="vc-side")[0]
+        ipr.link("set", index=idx, master=0)
+        ipr.link("set", index=idx, ifname="tap-side")
+    lonely = f"{sbx.host_ns[: -len('host')]}lonely"
+    netns.create(lonely)
+    sbx._created.append(lonely)
+    for ns in ("web", "side"):
+        sbx.spawn(["sleep", "60"], ns=ns)
+    sleeper = subprocess.Popen(["ip", "netns", "exec", lonely, "sleep", "60"])
+    try:
+        agent = AgentProcess(sbx, extra=CONTAINERS)
+        assert wait_for(lambda: "tap-side" in agent.cli("report").stdout, 5)
+        lines = [line for line in agent.cli("report").stdout.splitlines() if line.startswith("not covered")]
+        ours = {line for line in lines if "enters on" in line}
+        inode = os.stat(f"/run/netns/{side}").st_ino
+        assert ours == {
+            f"not covered by the redirect: netns {inode}, pid {_pid_in(side)} (sleep): enters on tap-side, "
+            "which containers.interfaces does not name"
+        }, lines
+        lonely_ino = os.stat(f"/run/netns/{lonely}").st_ino
+        web_ino = os.stat(f"/run/netns/{sbx.containers['web']}").st_ino
+        assert not any(f"netns {lonely_ino}," in line or f"netns {web_ino}," in line for line in lines)
+        off = AgentProcess(sbx, extra="containers: {enabled: false}\n")
+        assert any(f"netns {web_ino}," in line and "containers.enabled is false" in line
+                   for line in off.cli("report").stdout.splitlines())  # fmt: skip
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def _pid_in(ns: str) -> int:
+    return min(
+        int(p) for p in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+    )
