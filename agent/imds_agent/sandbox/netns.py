@@ -100,6 +100,7 @@ class Sandbox:
         self.tokens = tokens
         self.hop_limit = hop_limit
         self.containers: dict[str, str] = {}  # container name -> its namespace
+        self._on_own_bridge: dict[str, bool] = {}
         self.with_emulator = emulator
         self.ministack = ministack
         self._own_workdir = workdir is None
@@ -154,12 +155,17 @@ class Sandbox:
                 "--hop-limit", str(self.hop_limit)]  # fmt: skip
         self._start_and_wait(argv)
 
-    def add_container(self, name: str, address: str) -> str:
+    def add_container(
+        self, name: str, address: str, bridge: Optional[str] = None, gateway: str = BRIDGE_V4, prefixlen: int = 24
+    ) -> str:
         """A namespace standing for a container with its own network: ``address`` (in 172.30.0.0/24) on its
-        eth0, a veth to the host namespace's bridge, the bridge as its default route. Returns the namespace."""
+        eth0, a veth to the host namespace's bridge, the bridge as its default route. Returns the namespace.
+        Another ``bridge`` (one a container runtime made, with its ``gateway``) is joined, never created."""
         ns = f"{self.host_ns[: -len('host')]}{name}"
-        if not self.containers:
+        if bridge is None and not any(self._on_own_bridge.values()):
             self._bridge()
+        self._on_own_bridge[name] = bridge is None
+        bridge = bridge or BRIDGE
         netns.create(ns)
         self._created.append(ns)
         self.containers[name] = ns
@@ -170,13 +176,13 @@ class Sandbox:
             ipr.link("set", index=idx, net_ns_fd=self.host_ns)
         with IPRoute(netns=self.host_ns) as ipr:
             idx = ipr.link_lookup(ifname=host_if)[0]
-            ipr.link("set", index=idx, master=ipr.link_lookup(ifname=BRIDGE)[0], state="up")
+            ipr.link("set", index=idx, master=ipr.link_lookup(ifname=bridge)[0], state="up")
         with IPRoute(netns=ns) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
             idx = ipr.link_lookup(ifname="eth0")[0]
-            ipr.addr("add", index=idx, address=address, prefixlen=24)
+            ipr.addr("add", index=idx, address=address, prefixlen=prefixlen)
             ipr.link("set", index=idx, state="up")
-            ipr.route("add", dst="0.0.0.0/0", gateway=BRIDGE_V4)
+            ipr.route("add", dst="0.0.0.0/0", gateway=gateway)
         return ns
 
     def _bridge(self) -> None:
