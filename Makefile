@@ -64,6 +64,7 @@ e2e: deps
 bench: deps
 	$(BIN)/python tests/bench/forwarder.py
 	$(BIN)/python tests/bench/identity.py
+	$(BIN)/python tests/bench/containers.py
 
 # Packages bundle the pyroute2 the tests use (see packaging/README.md for why).
 PYROUTE2_DIR = $(shell $(BIN)/python -c 'import os, pyroute2; print(os.path.dirname(os.path.dirname(pyroute2.__file__)))')

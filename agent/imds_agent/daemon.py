@@ -60,7 +60,7 @@ class Agent:
         self.started_at = time.monotonic()
         self.recorder = open_records(config.audit, self.account.uid, self.account.gid, self.metrics.metrics
                                      if self.metrics else None)  # fmt: skip
-        cport = config.containers.port if config.containers.enabled else None
+        cport = config.containers.port if config.containers.enabled and config.redirect.enabled else None
         self.server = ProxyServer(config.listen, self.forwarder, identify=self.identify, report=self.recorder,
                                   peer_uid=self.identify.peer_uid, privileged=self.gate.reserved_uids,
                                   container_port=cport)  # fmt: skip

@@ -136,7 +136,7 @@ def test_the_experimental_ebpf_backend_is_accepted_only_failing_open() -> None:
         configmod.RedirectConfig(backend="ebpf", fail_mode="closed")
 
 
-def test_containers_are_off_by_default_and_cover_the_usual_interfaces() -> None:
+def test_containers_are_on_by_default_and_cover_the_usual_interfaces() -> None:
     containers = configmod.Config().containers
-    assert containers.enabled is False and containers.port == 969
+    assert containers.enabled is True and containers.port == 969
     assert {"docker*", "br-*", "cni*", "eni*"} <= set(containers.interfaces)
