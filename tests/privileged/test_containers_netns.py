@@ -192,3 +192,42 @@ def _pid_in(ns: str) -> int:
     return min(
         int(p) for p in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
     )
+
+
+LOOP = """
+import http.client, sys
+for _ in range(int(sys.argv[1])):
+    c = http.client.HTTPConnection("169.254.169.254", 80, timeout=5)
+    c.request("GET", "/latest/meta-data/instance-id"); c.getresponse().read(); c.close()
+"""
+
+
+def test_root_in_a_container_gets_a_containers_share_not_roots(sbx: Sandbox) -> None:
+    # uid 0 inside a container is uid 0 on the host without user namespaces: it must not get host root's
+    # exemptions. 600 requests against an audit budget of 500 lines: 100 are summarised, the summary names the
+    # container's namespace, and host root's own lines are still written in full.
+    agent = AgentProcess(sbx, backend="nftables", extra=CONTAINERS, audit=", rate_per_uid: 1, burst_per_uid: 500")
+    agent.start()
+    try:
+        sbx.run(["python3", "-c", LOOP, "600"], ns="web", check=True, timeout=120)
+        sbx.run(["python3", "-c", LOOP, "20"], ns="host", check=True, timeout=60)
+        log = f"{sbx.workdir}/audit/audit.jsonl"
+
+        def lines() -> list[dict[str, object]]:
+            with open(log, encoding="utf-8") as fh:
+                return [json.loads(line) for line in fh]
+
+        assert wait_for(lambda: sum(1 for r in lines() if r.get("uid") == 0 and "summary" not in r) >= 520, 10)
+        web = os.stat(f"/run/netns/{sbx.containers['web']}").st_ino
+        agent.stop()  # writes the summaries still pending
+        got = lines()
+        written = sum(1 for r in got if r.get("uid") == 0 and "summary" not in r)
+        summaries = [r for r in got if "summary" in r]
+        suppressed = sum(int(str(r["suppressed"])) for r in summaries)
+        # Every request is accounted for: written, or counted in a summary naming the container's namespace. Host
+        # root's 20 are all written (root is exempt); the container's burst of 500 runs out.
+        assert written + suppressed == 620 and suppressed >= 50, (written, suppressed)
+        assert summaries and all(f"the container network namespace {web}" in str(r["summary"]) for r in summaries)
+    finally:
+        if agent.proc is not None and agent.proc.poll() is None:
+            agent.stop()

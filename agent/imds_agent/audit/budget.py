@@ -15,6 +15,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from ..identity.caller import share_owner as owner
+
 # Buckets for this many distinct uids at most; past it the quietest one is forgotten (most tokens left, nothing
 # suppressed): forgetting a bucket a uid has emptied would hand a flooding uid a fresh burst.
 MAX_BUCKETS = 4096
@@ -32,7 +34,7 @@ class Suppressed:
 
     def as_dict(self) -> dict[str, object]:
         """The JSON-ready summary record."""
-        who = f"uid {self.uid}" if self.uid is not None else "unidentified callers"
+        who = owner(self.uid)
         return {
             "time": _iso(self.last),
             "summary": f"{self.count} similar requests from {who} suppressed (audit budget)",

@@ -109,7 +109,7 @@ class Recorder:
     def _audit(self, answer: Answer) -> None:
         if self.audit is None:
             return
-        admitted, summary = self.budget.admit(answer.caller.uid, answer.outcome.value, answer.time)
+        admitted, summary = self.budget.admit(answer.caller.budget_key, answer.outcome.value, answer.time)
         if summary is not None:
             self._line(summary.as_dict())
         if admitted:

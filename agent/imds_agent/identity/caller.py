@@ -67,6 +67,15 @@ class Caller:
     # ``exe`` is then the path inside the container's image and ``uid_inside`` the uid its user namespace shows.
     workload: Optional[ContainerInfo] = None
     uid_inside: Optional[int] = None
+    # The network namespace (inode) the client's socket is in when it is a container's own, not the agent's (0).
+    netns: int = 0
+
+    @property
+    def budget_key(self) -> Optional[int]:
+        """Whose share of the agent's per-user limits (connections, audit lines) this caller spends: its uid, or,
+        for a caller in a container's own network namespace, that namespace (as a negative number, so that it is
+        never root's or a named uid's: root in a container must not get the host root's exemptions)."""
+        return -self.netns if self.netns else self.uid
 
     @classmethod
     def unknown(cls, reason: str, uid: Optional[int] = None) -> Caller:
@@ -87,3 +96,10 @@ def printable(text: str, limit: int = 512) -> str:
     \\xNN or \\uNNNN, and cut at ``limit`` characters."""
     out = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
     return out if len(out) <= limit else out[:limit] + "..."
+
+
+def share_owner(key: Optional[int]) -> str:
+    """Who a share of the per-user limits (Caller.budget_key) stands for, in words."""
+    if key is None:
+        return "unidentified callers"
+    return f"uid {key}" if key >= 0 else f"the container network namespace {-key}"

@@ -18,6 +18,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from ..identity.caller import share_owner as owner
+
 Uid = Optional[int]  # None: the peer's uid could not be found (all such connections count as one user)
 
 
@@ -58,7 +60,7 @@ class Admission:
         """A slot for a new connection of ``uid``, or None and why not. May close an idle connection for it."""
         with self._lock:
             if self._by_uid[uid] >= self.per_uid and not self._evict(lambda s: s.uid == uid, lambda s: True):
-                who = f"uid {uid}" if uid is not None else "unidentified peers"
+                who = owner(uid) if uid is not None else "unidentified peers"
                 return None, f"{who} already holds {self.per_uid} connections (listen.max_connections_per_uid)"
             favoured = uid == 0 or (uid is not None and uid in self.privileged())
             limit = self.total if favoured else self.total - self.reserved

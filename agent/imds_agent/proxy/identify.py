@@ -155,7 +155,7 @@ class ConnectionIdentifier:
             if caller.known and caller.pid is not None and side.sockets.netns_of_pid(caller.pid) != found.netns:
                 # The holder is not in the namespace the socket was found in: it moved, or the pid was reused.
                 return Caller.unknown("the socket's holder left the container's network namespace", uid=found.uid)
-            return self.workload(caller, found.netns)
+            return dataclasses.replace(self.workload(caller, found.netns), netns=found.netns)
         except Exception as exc:
             log.exception("identifying the client of a container connection failed")
             return Caller.unknown(f"identification failed: {type(exc).__name__}")
@@ -201,6 +201,8 @@ class ConnectionIdentifier:
         if len(self._seen) >= SEEN_MAX:
             self._seen.clear()  # entries of connections refused at admission, never identified
         self._seen[(conn.peer, conn.local)] = (dst, owner, found)
+        if found is not None:
+            return -found.netns  # a container's share, never root's (see Caller.budget_key)
         return owner.uid if owner is not None else None
 
     def close(self) -> None:

@@ -58,3 +58,14 @@ def test_at_the_bucket_bound_the_quietest_uid_is_forgotten_never_the_flooder(mon
     budget.admit(1002, "allow", 1.0)  # a quiet uid
     budget.admit(1003, "allow", 1.0)  # a third uid: one bucket must go
     assert budget.admit(1001, "allow", 2.0) == (False, None)  # still limited: its empty bucket was kept
+
+
+def test_root_in_a_container_is_not_exempt() -> None:
+    # Caller.budget_key gives container callers a negative key: the budget applies to them as to any uid.
+    budget = AuditBudget(rate=1, burst=2, clock=lambda: 0.0)
+    assert [budget.admit(-4026532000, "allow", 0.0)[0] for _ in range(3)] == [True, True, False]
+    summary = budget.pending()[0].as_dict()
+    assert (
+        summary["summary"]
+        == "1 similar requests from the container network namespace 4026532000 suppressed (audit budget)"
+    )

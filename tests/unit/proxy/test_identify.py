@@ -3,6 +3,7 @@ lookup makes the caller unidentified instead of raising into the server."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional
@@ -157,7 +158,9 @@ def test_a_container_connection_is_identified_from_the_socket_in_its_namespace()
     found = NetnsSocket(netns=7, pid=55, uid=1000, inode=4242)
     hook = container_hook(FakeNetns(found))
     client = hook(FROM_CONTAINER)
-    assert client.caller == CURL and client.refused == ""
+    assert client.caller == dataclasses.replace(CURL, netns=7) and client.refused == ""
+    # Its share of the per-user limits is its namespace's, never its uid's (root in a container is uid 0).
+    assert client.caller.budget_key == -7
     ident = hook.identifier
     assert ident.owners == [SocketOwner(1000, 4242)]  # type: ignore[attr-defined]
 
@@ -228,3 +231,8 @@ def test_a_docker_container_is_described_with_its_uid_inside(tmp_path: Path) -> 
     assert caller.workload is not None and caller.container == cid
     assert (caller.workload.name, caller.workload.image, caller.workload.netns) == ("web", "registry.example/app:1", 77)
     assert caller.workload.label("team") == "billing" and caller.uid_inside == 1000
+
+
+def test_admission_counts_a_container_connection_against_its_namespace() -> None:
+    hook = container_hook(FakeNetns(NetnsSocket(netns=9, pid=55, uid=0, inode=4242)))
+    assert hook.peer_uid(FROM_CONTAINER) == -9  # not 0: container root gets none of root's reserve
