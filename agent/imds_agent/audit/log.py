@@ -71,6 +71,7 @@ def audit_line(answer: Answer) -> dict[str, Any]:
         "unit": c.unit,
         "container": c.container or (c.workload.id if c.workload is not None else None),
         "workload": workload_record(c),
+        "netns": c.netns or None,  # the container's own network namespace, when the socket was found in one
         "exe_verified": c.exe_verified if c.known else None,
         "shared_with": [f"{o.pid} {o.exe}" for o in c.sharers] or None,
         "preload": list(c.preload) or None,

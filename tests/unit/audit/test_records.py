@@ -75,3 +75,15 @@ def test_what_a_container_chose_is_cut_and_escaped_by_json() -> None:
     odd = ContainerInfo("ab" * 32, "docker", 'web\n{"forged": 1}', "docker.io/x/" + "y" * 2000 + ":1")
     text = json.dumps(line_of(Caller(True, 11, "/w", 0, "root", exe_verified=False, workload=odd)))
     assert "\n" not in text and len(text) < 2000 and "more)" in text
+
+
+def test_a_container_callers_line_names_its_network_namespace() -> None:
+    import dataclasses
+
+    inside = dataclasses.replace(CURL, netns=4026532999)
+    client = Client(("172.17.0.2", 1), ("172.17.0.1", 969), ("169.254.169.254", 80), inside, 0.0)
+    answer = Answer(1700000000.0, "audit", client, "GET", "/latest/meta-data/instance-id", Kind.V1, 200,
+                    Outcome.ALLOW, "default", "ok", normalize("/latest/meta-data/instance-id"))  # fmt: skip
+    assert audit_line(answer)["netns"] == 4026532999
+    host = Client(("127.0.0.1", 1), ("127.0.0.1", 968), None, CURL, 0.0)
+    assert audit_line(dataclasses.replace(answer, client=host))["netns"] is None
