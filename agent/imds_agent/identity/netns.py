@@ -23,7 +23,6 @@ from typing import Optional
 
 from .procs import PROC, check_deadline
 
-MAX_ADDRESSES = 4096  # remembered address -> namespace pairs; past it the memory starts again
 TABLE_LIMIT = 8 << 20  # bytes of one namespace's socket table read at most
 
 
@@ -76,7 +75,8 @@ class NetnsSockets:
         self.proc = proc
         self._own = self._netns_of("self") or 0
         self._lock = threading.Lock()
-        self._by_address: dict[str, tuple[int, int]] = {}  # peer address -> (netns, pid) where last found
+        # Per family (False: IPv4): address -> the namespaces it was local to when last looked up.
+        self._index: dict[bool, dict[str, list[tuple[int, int]]]] = {False: {}, True: {}}
 
     def _netns_of(self, pid: str) -> Optional[int]:
         try:
@@ -113,37 +113,82 @@ class NetnsSockets:
             return None
         return parse_line(text, key)
 
+    def local_addresses(self, pid: int, v6: bool) -> set[str]:
+        """The addresses local to ``pid``'s namespace: fib_trie's host routes (IPv4) or if_inet6 (IPv6). Both are
+        the namespace's own tables, read in tens of microseconds, unlike the socket tables (see find)."""
+        name = "if_inet6" if v6 else "fib_trie"
+        try:
+            with open(f"{self.proc}/{pid}/net/{name}", encoding="ascii", errors="replace") as fh:
+                text = fh.read(TABLE_LIMIT)
+        except OSError:
+            return set()
+        if v6:
+            out = set()
+            for line in text.splitlines():
+                word = line.split(maxsplit=1)[0] if line.strip() else ""
+                if len(word) == 32:
+                    out.add(str(ipaddress.IPv6Address(bytes.fromhex(word))))
+            return out
+        found, last = set(), ""
+        for line in text.splitlines():
+            item = line.strip()
+            if item.startswith("|--") or item.startswith("+--"):
+                last = item[3:].split()[0]
+            elif item.startswith("/32 host LOCAL"):
+                found.add(last)
+        return found
+
     def find(
         self, peer: tuple[str, int], dialled: tuple[str, int], deadline: Optional[float] = None
     ) -> Optional[NetnsSocket]:
         """The namespace holding a socket from ``peer`` to ``dialled`` (the original destination), and its owner.
 
-        Tries the namespace the peer's address was last found in, then every namespace. Raises Ambiguous when
-        more than one holds such a socket, OverBudget past ``deadline``.
+        Only namespaces where the peer's address is local can hold its socket (a reply to any other would never
+        reach it), so only their socket tables are read: /proc/PID/net/tcp walks the kernel's whole connection
+        hash, shared by every namespace unless net.ipv4.tcp_child_ehash_entries gives each its own, which costs
+        milliseconds on a large host. Which namespaces have which address is remembered and looked up again,
+        every namespace, whenever the remembered ones do not hold the socket (pods come and go, addresses move).
+        A table read while connections churn can miss an entry (the kernel's seq_file restarts between pages), so
+        a candidate is read twice before it counts as not holding it.
+        Raises Ambiguous when more than one holds such a socket, OverBudget past ``deadline``.
         """
         v6 = ":" in peer[0]
         key = needle(peer, dialled)
+        address = str(ipaddress.ip_address(peer[0]))
         with self._lock:
-            last = self._by_address.get(peer[0])
-        if last is not None:
-            hit = self._search(last[1], last[0], key, v6)
-            if hit is not None:
-                return NetnsSocket(last[0], last[1], hit[0], hit[1])
-        matches: list[NetnsSocket] = []
-        for netns, pid in self.namespaces(deadline).items():
-            check_deadline(deadline)
-            hit = self._search(pid, netns, key, v6)
-            if hit is not None:
-                matches.append(NetnsSocket(netns, pid, hit[0], hit[1]))
+            remembered = list(self._index[v6].get(address, ()))
+        # The remembered namespaces, checked again: still this pid's, still this address.
+        matches = self._holding(remembered, address, key, v6, deadline)
+        if not matches:
+            index = self._build_index(v6, deadline)
+            with self._lock:
+                self._index[v6] = index
+            matches = self._holding(index.get(address, []), address, key, v6, deadline)
         if len(matches) > 1:
             raise Ambiguous(f"a socket from {peer[0]}:{peer[1]} exists in {len(matches)} network namespaces")
-        if not matches:
-            return None
-        with self._lock:
-            if len(self._by_address) >= MAX_ADDRESSES:
-                self._by_address.clear()
-            self._by_address[peer[0]] = (matches[0].netns, matches[0].pid)
-        return matches[0]
+        return matches[0] if matches else None
+
+    def _holding(
+        self, candidates: list[tuple[int, int]], address: str, key: str, v6: bool, deadline: Optional[float]
+    ) -> list[NetnsSocket]:
+        out = []
+        for netns, pid in candidates:
+            check_deadline(deadline)
+            if address not in self.local_addresses(pid, v6):
+                continue
+            hit = self._search(pid, netns, key, v6) or self._search(pid, netns, key, v6)
+            if hit is not None:
+                out.append(NetnsSocket(netns, pid, hit[0], hit[1]))
+        return out
+
+    def _build_index(self, v6: bool, deadline: Optional[float]) -> dict[str, list[tuple[int, int]]]:
+        """Every namespace's local addresses of one family: address -> [(netns, pid)]."""
+        index: dict[str, list[tuple[int, int]]] = {}
+        for netns, pid in self.namespaces(deadline).items():
+            check_deadline(deadline)
+            for addr in self.local_addresses(pid, v6):
+                index.setdefault(addr, []).append((netns, pid))
+        return index
 
     def netns_of_pid(self, pid: int) -> Optional[int]:
         """The inode of ``pid``'s network namespace (None when it cannot be read)."""

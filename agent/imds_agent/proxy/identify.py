@@ -41,7 +41,9 @@ class Attested(Protocol):
 
 
 Attest = Callable[[int], Optional[Attested]]  # socket cookie -> the record made at connect, if any
-Seen = tuple[Optional[Address], Optional[SocketOwner], Optional[NetnsSocket]]
+# What admission learnt at accept: the original destination, the socket's owner, the container namespace's socket
+# and the seconds the namespace search took (counted in the identification's cost).
+Seen = tuple[Optional[Address], Optional[SocketOwner], Optional[NetnsSocket], float]
 
 
 @dataclass
@@ -115,7 +117,7 @@ class ConnectionIdentifier:
 
     def _from_container(self, conn: Connection, side: ContainerSide, seen: Optional[Seen]) -> Client:
         """A connection on the container listener: found in the container's namespace, or refused."""
-        started = time.monotonic()
+        started = time.monotonic() - (seen[3] if seen is not None else 0.0)
         dst = seen[0] if seen is not None else self._dst(conn)
         refused = ""
         if dst not in side.dialled:
@@ -189,6 +191,7 @@ class ConnectionIdentifier:
         side = self.containers
         found: Optional[NetnsSocket] = None
         owner: Optional[SocketOwner] = None
+        started = time.monotonic()
         try:
             if side is not None and conn.local[1] == side.port:
                 if dst in side.dialled:
@@ -200,7 +203,7 @@ class ConnectionIdentifier:
             return None
         if len(self._seen) >= SEEN_MAX:
             self._seen.clear()  # entries of connections refused at admission, never identified
-        self._seen[(conn.peer, conn.local)] = (dst, owner, found)
+        self._seen[(conn.peer, conn.local)] = (dst, owner, found, time.monotonic() - started)
         if found is not None:
             return -found.netns  # a container's share, never root's (see Caller.budget_key)
         return owner.uid if owner is not None else None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import ipaddress
 import os
 import socket
 import struct
@@ -36,7 +38,7 @@ class FakeProc:
         path.touch()
         return path
 
-    def add_process(self, pid: str, netns: str, tcp: str = "", tcp6: str = "") -> None:
+    def add_process(self, pid: str, netns: str, tcp: str = "", tcp6: str = "", addrs: tuple[str, ...] = ()) -> None:
         (self.root / pid / "ns").mkdir(parents=True, exist_ok=True)
         (self.root / pid / "net").mkdir(exist_ok=True)
         link = self.root / pid / "ns" / "net"
@@ -45,6 +47,11 @@ class FakeProc:
         link.symlink_to(self.ns(netns))
         (self.root / pid / "net" / "tcp").write_text(HEADER + tcp)
         (self.root / pid / "net" / "tcp6").write_text(HEADER + tcp6)
+        v4 = [a for a in addrs if ":" not in a]
+        fib = "Main:\n  +-- 0.0.0.0/0 3 0 5\n" + "".join(f"     |-- {a}\n        /32 host LOCAL\n" for a in v4)
+        (self.root / pid / "net" / "fib_trie").write_text(fib + "     |-- 10.0.0.0\n        /24 link UNICAST\n")
+        v6 = [ipaddress.IPv6Address(a).packed.hex() for a in addrs if ":" in a]
+        (self.root / pid / "net" / "if_inet6").write_text("".join(f"{h} 02 40 00 80 eth0\n" for h in v6))
 
     def inode(self, netns: str) -> int:
         return os.stat(self.ns(netns)).st_ino
@@ -65,8 +72,8 @@ def test_needle_is_how_the_kernel_prints_the_addresses() -> None:
 
 def test_the_socket_is_found_in_the_namespace_that_holds_it(proc: FakeProc) -> None:
     proc.add_process("100", "host")
-    proc.add_process("200", "web", tcp=line(("172.17.0.2", 40000), IMDS, 1000, 777))
-    proc.add_process("300", "db", tcp=line(("172.17.0.3", 40000), IMDS, 1001, 888))
+    proc.add_process("200", "web", tcp=line(("172.17.0.2", 40000), IMDS, 1000, 777), addrs=("172.17.0.2",))
+    proc.add_process("300", "db", tcp=line(("172.17.0.3", 40000), IMDS, 1001, 888), addrs=("172.17.0.3",))
     found = NetnsSockets(str(proc.root)).find(("172.17.0.2", 40000), IMDS)
     assert found is not None
     assert (found.netns, found.pid, found.uid, found.inode) == (proc.inode("web"), 200, 1000, 777)
@@ -74,40 +81,72 @@ def test_the_socket_is_found_in_the_namespace_that_holds_it(proc: FakeProc) -> N
 
 def test_the_agents_own_namespace_is_never_searched(proc: FakeProc) -> None:
     # A host socket with that tuple is the agent's side of some other connection, not a container's client.
-    proc.add_process("100", "host", tcp=line(("172.17.0.2", 40000), IMDS, 0, 5))
+    proc.add_process("100", "host", tcp=line(("172.17.0.2", 40000), IMDS, 0, 5), addrs=("172.17.0.2",))
     assert NetnsSockets(str(proc.root)).find(("172.17.0.2", 40000), IMDS) is None
 
 
 def test_an_address_alone_identifies_nobody(proc: FakeProc) -> None:
     # Same source address, another port or another destination: not this connection's socket.
-    proc.add_process("200", "web", tcp=line(("172.17.0.2", 40001), IMDS, 1000, 777)
-                     + line(("172.17.0.2", 40000), ("169.254.169.253", 80), 1000, 778))  # fmt: skip
+    table = line(("172.17.0.2", 40001), IMDS, 1000, 777) + line(
+        ("172.17.0.2", 40000), ("169.254.169.253", 80), 1000, 778
+    )
+    proc.add_process("200", "web", tcp=table, addrs=("172.17.0.2",))
     assert NetnsSockets(str(proc.root)).find(("172.17.0.2", 40000), IMDS) is None
 
 
 def test_a_socket_in_two_namespaces_is_ambiguous(proc: FakeProc) -> None:
     # A container with CAP_NET_ADMIN can take another container's address; neither is then trusted.
-    proc.add_process("200", "web", tcp=line(("172.17.0.2", 40000), IMDS, 1000, 777))
-    proc.add_process("300", "evil", tcp=line(("172.17.0.2", 40000), IMDS, 1001, 888))
+    proc.add_process("200", "web", tcp=line(("172.17.0.2", 40000), IMDS, 1000, 777), addrs=("172.17.0.2",))
+    proc.add_process("300", "evil", tcp=line(("172.17.0.2", 40000), IMDS, 1001, 888), addrs=("172.17.0.2",))
     with pytest.raises(Ambiguous, match="2 network namespaces"):
         NetnsSockets(str(proc.root)).find(("172.17.0.2", 40000), IMDS)
 
 
-def test_the_last_namespace_is_tried_first_and_only_trusted_with_the_exact_socket(proc: FakeProc) -> None:
-    proc.add_process("200", "web", tcp=line(("172.17.0.2", 40000), IMDS, 1000, 777))
+def test_a_remembered_namespace_is_trusted_only_with_the_exact_socket(proc: FakeProc) -> None:
+    proc.add_process("200", "web", tcp=line(("172.17.0.2", 40000), IMDS, 1000, 777), addrs=("172.17.0.2",))
     finder = NetnsSockets(str(proc.root))
     assert finder.find(("172.17.0.2", 40000), IMDS) is not None
-    # The address moved to another namespace (container churn): the remembered one no longer holds the socket.
-    proc.add_process("200", "web", tcp="")
-    proc.add_process("400", "new", tcp=line(("172.17.0.2", 40002), IMDS, 1002, 999))
+    # The address moved to another namespace (pod churn): the remembered one no longer has it; all are looked at.
+    proc.add_process("200", "web")
+    proc.add_process("400", "new", tcp=line(("172.17.0.2", 40002), IMDS, 1002, 999), addrs=("172.17.0.2",))
     found = finder.find(("172.17.0.2", 40002), IMDS)
     assert found is not None and (found.pid, found.inode) == (400, 999)
+    # When the remembered namespace holds the socket, the others are not read: a second namespace with the same
+    # address and the same tuple is caught only by a fresh lookup. Only one of them could have completed the
+    # handshake (the replies go to one), and the one that did is the one remembered.
+    proc.add_process("500", "evil", tcp=line(("172.17.0.2", 40003), IMDS, 1003, 1), addrs=("172.17.0.2",))
+    proc.add_process("400", "new", tcp=line(("172.17.0.2", 40003), IMDS, 1002, 2), addrs=("172.17.0.2",))
+    found = finder.find(("172.17.0.2", 40003), IMDS)
+    assert found is not None and found.pid == 400
+
+
+def test_only_namespaces_where_the_address_is_local_are_read(proc: FakeProc) -> None:
+    # A table line for the tuple in a namespace that does not have the address: no reply could ever reach it.
+    proc.add_process("200", "web", tcp=line(("172.17.0.2", 40000), IMDS, 1000, 777), addrs=("172.17.0.9",))
+    assert NetnsSockets(str(proc.root)).find(("172.17.0.2", 40000), IMDS) is None
+
+
+def test_an_entry_missed_by_one_read_is_found_by_the_second(proc: FakeProc, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The kernel's table can skip an entry while connections churn; one more read is taken before "not there".
+    proc.add_process("200", "web", tcp=line(("172.17.0.2", 40000), IMDS, 1000, 777), addrs=("172.17.0.2",))
+    real_open, reads = open, []
+
+    def flaky_open(path: str, *args: Any, **kwargs: Any) -> Any:
+        if str(path).endswith("/200/net/tcp"):
+            reads.append(path)
+            if len(reads) == 1:
+                return io.StringIO(HEADER)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", flaky_open)
+    found = NetnsSockets(str(proc.root)).find(("172.17.0.2", 40000), IMDS)
+    assert found is not None and found.inode == 777 and len(reads) == 2
 
 
 def test_a_process_that_left_the_namespace_while_it_was_read_is_not_trusted(
     proc: FakeProc, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    proc.add_process("200", "web", tcp=line(("172.17.0.2", 40000), IMDS, 1000, 777))
+    proc.add_process("200", "web", tcp=line(("172.17.0.2", 40000), IMDS, 1000, 777), addrs=("172.17.0.2",))
     finder = NetnsSockets(str(proc.root))
     real_open = open
 
@@ -123,7 +162,7 @@ def test_a_process_that_left_the_namespace_while_it_was_read_is_not_trusted(
 
 def test_ipv6_sockets_are_read_from_tcp6(proc: FakeProc) -> None:
     peer = ("fd00:172::2", 40000)
-    proc.add_process("200", "web", tcp6=line(peer, ("fd00:ec2::254", 80), 1000, 321))
+    proc.add_process("200", "web", tcp6=line(peer, ("fd00:ec2::254", 80), 1000, 321), addrs=("fd00:172::2",))
     found = NetnsSockets(str(proc.root)).find(peer, ("fd00:ec2::254", 80))
     assert found is not None and found.inode == 321
 

@@ -59,3 +59,12 @@ def test_an_unprivileged_caller_is_told_it_cannot_see_rather_than_that_all_is_co
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     lines = coverage.coverage_lines(ContainersConfig(), proc=str(proc))
     assert lines == ["cannot see other users' network namespaces: run as root to list what the redirect does not cover"]
+
+
+def test_shared_tcp_hash_tables_are_pointed_out_only_with_containers_on(tmp_path: Path) -> None:
+    (tmp_path / "sys/net/ipv4").mkdir(parents=True)
+    (tmp_path / "sys/net/ipv4/tcp_child_ehash_entries").write_text("0\n")
+    assert "tcp_child_ehash_entries is 0" in coverage.ehash_advice(ContainersConfig(), str(tmp_path))[0]
+    assert coverage.ehash_advice(ContainersConfig(enabled=False), str(tmp_path)) == []
+    (tmp_path / "sys/net/ipv4/tcp_child_ehash_entries").write_text("1024\n")
+    assert coverage.ehash_advice(ContainersConfig(), str(tmp_path)) == []
