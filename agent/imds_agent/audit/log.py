@@ -213,7 +213,8 @@ class AuditLog:
 
     def _drop(self, when: float, cause: str) -> None:
         self.dropped += 1
-        count, first, _, _ = self._pending or (0, when, when, cause)
+        # The first cause is the one that matters: later drops in the same stretch only wait for the retry.
+        count, first, _, cause = self._pending or (0, when, when, cause)
         self._pending = (count + 1, first, when, cause)
 
     def _summary_line(self) -> bytes:

@@ -101,6 +101,8 @@ def test_a_failure_is_retried_after_a_pause_and_the_drop_is_told_when_writing_wo
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     assert lines[0]["dropped"] == 2 and lines[0]["summary"].startswith("2 records dropped between ")
     assert [x.get("n") for x in lines[1:]] == [2] and log.dropped == 2
+    # The cause is the failure's (a directory in the way), not the pause's that followed it.
+    assert lines[0]["cause"] == "Is a directory" and lines[0]["summary"].endswith(": Is a directory")
     messages = [r.getMessage() for r in caplog.records]
     assert sum("cannot write the audit log" in m for m in messages) == 1 and any("written again" in m for m in messages)
 
