@@ -221,9 +221,11 @@ class IdentityConfig:
 
 
 _IFACE = re.compile(r"[A-Za-z0-9_.@-]{1,15}\*?")
-# Where containers' connections enter the host: Docker's bridges (docker0, br-<id> for user networks), CNI bridges
-# and pod veths (cni0, cbr0, Calico's cali*, Cilium's lxc*, the AWS VPC CNI's eni*) and plain veths.
-CONTAINER_IFACES = ("docker*", "br-*", "cni*", "cbr0", "cali*", "lxc*", "eni*", "veth*")
+# Where containers' connections enter the host: Docker's bridges (docker0, br-<id> for user networks), podman's
+# (podman0, netavark) and LXD's, CNI bridges and pod veths (cni0, cbr0, Calico's cali*, Cilium's lxc*, the AWS VPC
+# CNI's eni*, Weave's, Antrea's gateway) and plain veths.
+CONTAINER_IFACES = ("docker*", "br-*", "podman*", "lxdbr*", "cni*", "cbr0", "cali*", "lxc*", "eni*", "weave",
+                    "antrea-gw*", "veth*")  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -231,3 +231,39 @@ def test_root_in_a_container_gets_a_containers_share_not_roots(sbx: Sandbox) -> 
     finally:
         if agent.proc is not None and agent.proc.poll() is None:
             agent.stop()
+
+
+SQUAT = """
+import socket, subprocess, sys, time
+victim, lo, hi = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for cmd in (["ip", "link", "set", "lo", "up"], ["ip", "addr", "add", victim + "/32", "dev", "lo"],
+            ["ip", "addr", "add", "169.254.169.254/32", "dev", "lo"]):
+    subprocess.run(cmd, check=True)
+ls = socket.socket(); ls.bind(("169.254.169.254", 80)); ls.listen(4096); keep = []
+for p in range(lo, hi):
+    try:
+        c = socket.socket(); c.bind((victim, p)); c.connect(("169.254.169.254", 80)); keep += [c, ls.accept()[0]]
+    except OSError:
+        pass
+print(len(keep) // 2, flush=True); time.sleep(120)
+"""
+
+
+def test_a_host_users_own_namespace_can_neither_block_nor_impersonate_a_container(sbx: Sandbox) -> None:
+    # Any user can `unshare -Urn`, take a container's address there and hold sockets on every port of its range:
+    # before, 10 of 10 of the container's requests were refused as ambiguous (and with the container's remembered
+    # process gone, recorded as the squatter's process). Namespaces a user namespace of a user owns never count.
+    sbx.run(["sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=40000 40999"], ns="web", check=True)
+    agent = AgentProcess(sbx, mode="enforce", backend="nftables", extra=CONTAINERS).start()
+    squatter = sbx.spawn(["unshare", "-Urn", "python3", "-c", SQUAT, "172.30.0.2", "40000", "41000"], uid=1000,
+                         stdout=subprocess.PIPE)  # fmt: skip
+    try:
+        assert squatter.stdout is not None and int(squatter.stdout.readline()) > 900
+        got = [curl(sbx, "web", f"{BASE}/meta-data/instance-id")[1] for _ in range(10)]
+        assert got == ["200"] * 10, agent.log()[-2000:]
+        mine = [r for r in records(agent) if r.get("path") == "/latest/meta-data/instance-id"]
+        web = os.stat(f"/run/netns/{sbx.containers['web']}").st_ino
+        assert len(mine) == 10 and all(r["netns"] == web and r["exe"] == "/usr/bin/curl" for r in mine)
+    finally:
+        squatter.kill()
+        agent.stop()

@@ -37,6 +37,10 @@ def _iso(when: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1000):03d}Z"
 
 
+def _endpoint(addr: tuple[str, int]) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
 def workload_record(caller: Caller) -> Optional[dict[str, Any]]:
     """The audit form of the container a caller runs in (None when it runs in none the agent described): id,
     runtime, name, image, the uid inside its user namespace and, for a Kubernetes pod, ``pod``. Labels are left
@@ -72,6 +76,7 @@ def audit_line(answer: Answer) -> dict[str, Any]:
         "container": c.container or (c.workload.id if c.workload is not None else None),
         "workload": workload_record(c),
         "netns": c.netns or None,  # the container's own network namespace, when the socket was found in one
+        "peer": _endpoint(answer.client.peer),  # where the connection came from (a container's address, or loopback)
         "exe_verified": c.exe_verified if c.known else None,
         "shared_with": [f"{o.pid} {o.exe}" for o in c.sharers] or None,
         "preload": list(c.preload) or None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Optional
 
@@ -98,8 +99,21 @@ def printable(text: str, limit: int = 512) -> str:
     return out if len(out) <= limit else out[:limit] + "..."
 
 
+ADDRESS_SHARES = 1 << 130  # below -ADDRESS_SHARES: a source address's share; above: a network namespace's
+
+
+def address_share(address: str) -> int:
+    """The share of the connection slots a container connection takes before it is identified: its source
+    address's (negative, below every namespace's share, so never root's or a named uid's)."""
+    return -ADDRESS_SHARES - int(ipaddress.ip_address(address))
+
+
 def share_owner(key: Optional[int]) -> str:
-    """Who a share of the per-user limits (Caller.budget_key) stands for, in words."""
+    """Who a share of the per-user limits (Caller.budget_key, address_share) stands for, in words."""
     if key is None:
         return "unidentified callers"
-    return f"uid {key}" if key >= 0 else f"the container network namespace {-key}"
+    if key >= 0:
+        return f"uid {key}"
+    if key <= -ADDRESS_SHARES:
+        return f"container address {ipaddress.ip_address(-key - ADDRESS_SHARES)}"
+    return f"the container network namespace {-key}"

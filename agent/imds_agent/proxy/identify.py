@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
-from ..identity.caller import Caller
+from ..identity.caller import Caller, address_share
 from ..identity.containers import ContainerDirectory, uid_inside
 from ..identity.netns import Ambiguous, NetnsSocket, NetnsSockets
 from ..identity.procs import OverBudget
@@ -150,17 +150,22 @@ class ConnectionIdentifier:
             return None, Caller.unknown(f"container socket lookup failed: {exc.strerror or exc}")
 
     def _container_caller(self, conn: Connection, side: ContainerSide, dst: Address, found: NetnsSocket) -> Caller:
+        """The process behind the socket found in a container's namespace; every answer, unidentified ones too,
+        carries that namespace (its records and its share of the per-user limits are the container's)."""
         if found.inode == 0:
-            return Caller.unknown("the client closed its socket before it could be identified", uid=found.uid)
+            why = "the client's connection ended before it could be identified (closed, or no longer established)"
+            return dataclasses.replace(Caller.unknown(why, uid=found.uid), netns=found.netns)
         try:
             caller = self.identifier.identify(conn.peer, conn.local, dst, SocketOwner(found.uid, found.inode))
             if caller.known and caller.pid is not None and side.sockets.netns_of_pid(caller.pid) != found.netns:
                 # The holder is not in the namespace the socket was found in: it moved, or the pid was reused.
-                return Caller.unknown("the socket's holder left the container's network namespace", uid=found.uid)
-            return dataclasses.replace(self.workload(caller, found.netns), netns=found.netns)
+                caller = Caller.unknown("the socket's holder left the container's network namespace", uid=found.uid)
+            elif caller.known:
+                caller = self.workload(caller, found.netns)
         except Exception as exc:
             log.exception("identifying the client of a container connection failed")
-            return Caller.unknown(f"identification failed: {type(exc).__name__}")
+            caller = Caller.unknown(f"identification failed: {type(exc).__name__}", uid=found.uid)
+        return dataclasses.replace(caller, netns=found.netns)
 
     def workload(self, caller: Caller, netns: int = 0) -> Caller:
         """``caller`` with the container it runs in, as the runtime's state describes it, and its uid inside;
@@ -185,27 +190,23 @@ class ConnectionIdentifier:
         return dataclasses.replace(caller, workload=info, container=info.id, uid_inside=inside)
 
     def peer_uid(self, conn: Connection) -> Optional[int]:
-        """The uid of the peer's socket (one sock_diag query, or one search of the containers' namespaces on the
-        container listener, for admission at accept); None if not found."""
+        """Whose share of the connection slots the peer takes (for admission at accept): the uid of its socket
+        (one sock_diag query), or, on the container listener, its source address. Searching the containers'
+        namespaces can take milliseconds a namespace, so it happens in the worker, never on the accept thread,
+        where one container could hold every other client up. None if not found."""
+        key = (conn.peer, conn.local)
+        self._seen.pop(key, None)  # an entry left by an earlier connection on this tuple is never reused
         dst = self._dst(conn)
         side = self.containers
-        found: Optional[NetnsSocket] = None
-        owner: Optional[SocketOwner] = None
-        started = time.monotonic()
+        if side is not None and conn.local[1] == side.port:
+            return address_share(conn.peer[0])
         try:
-            if side is not None and conn.local[1] == side.port:
-                if dst in side.dialled:
-                    found = side.sockets.find(conn.peer, dst, time.monotonic() + self.identifier.budget)
-                    owner = SocketOwner(found.uid, found.inode) if found is not None else None
-            else:
-                owner = self.identifier.lookup.owner(conn.peer, dst or conn.local)
-        except (OSError, Ambiguous, OverBudget):
+            owner = self.identifier.lookup.owner(conn.peer, dst or conn.local)
+        except OSError:
             return None
         if len(self._seen) >= SEEN_MAX:
             self._seen.clear()  # entries of connections refused at admission, never identified
-        self._seen[(conn.peer, conn.local)] = (dst, owner, found, time.monotonic() - started)
-        if found is not None:
-            return -found.netns  # a container's share, never root's (see Caller.budget_key)
+        self._seen[key] = (dst, owner, None, 0.0)
         return owner.uid if owner is not None else None
 
     def close(self) -> None:

@@ -84,6 +84,6 @@ def test_a_container_callers_line_names_its_network_namespace() -> None:
     client = Client(("172.17.0.2", 1), ("172.17.0.1", 969), ("169.254.169.254", 80), inside, 0.0)
     answer = Answer(1700000000.0, "audit", client, "GET", "/latest/meta-data/instance-id", Kind.V1, 200,
                     Outcome.ALLOW, "default", "ok", normalize("/latest/meta-data/instance-id"))  # fmt: skip
-    assert audit_line(answer)["netns"] == 4026532999
+    assert audit_line(answer)["netns"] == 4026532999 and audit_line(answer)["peer"] == "172.17.0.2:1"
     host = Client(("127.0.0.1", 1), ("127.0.0.1", 968), None, CURL, 0.0)
     assert audit_line(dataclasses.replace(answer, client=host))["netns"] is None

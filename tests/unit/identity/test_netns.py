@@ -31,6 +31,7 @@ class FakeProc:
     def __init__(self, root: Path):
         self.root = root
         (root / "nsfiles").mkdir()
+        self.user_owned: set[str] = set()
         self.add_process("self", "host")
 
     def ns(self, name: str) -> Path:
@@ -48,18 +49,27 @@ class FakeProc:
         (self.root / pid / "net" / "tcp").write_text(HEADER + tcp)
         (self.root / pid / "net" / "tcp6").write_text(HEADER + tcp6)
         v4 = [a for a in addrs if ":" not in a]
-        fib = "Main:\n  +-- 0.0.0.0/0 3 0 5\n" + "".join(f"     |-- {a}\n        /32 host LOCAL\n" for a in v4)
+        # As the kernel prints it: each local address under both the Main and the Local table.
+        entries = "".join(f"     |-- {a}\n        /32 host LOCAL\n" for a in v4)
+        fib = "Main:\n  +-- 0.0.0.0/0 3 0 5\n" + entries + "Local:\n  +-- 0.0.0.0/0 3 0 5\n" + entries
         (self.root / pid / "net" / "fib_trie").write_text(fib + "     |-- 10.0.0.0\n        /24 link UNICAST\n")
         v6 = [ipaddress.IPv6Address(a).packed.hex() for a in addrs if ":" in a]
-        (self.root / pid / "net" / "if_inet6").write_text("".join(f"{h} 02 40 00 80 eth0\n" for h in v6))
+        zero = "0" * 32
+        routes = "".join(f"{h} 80 {zero} 00 {zero} 00000000 00000001 00000000 80200001 eth0\n" for h in v6)
+        routes += f"fd000172000000000000000000000000 40 {zero} 00 {zero} 00000100 00000001 00000000 00000001 eth0\n"
+        (self.root / pid / "net" / "ipv6_route").write_text(routes)
 
     def inode(self, netns: str) -> int:
         return os.stat(self.ns(netns)).st_ino
 
 
 @pytest.fixture
-def proc(tmp_path: Path) -> FakeProc:
-    return FakeProc(tmp_path)
+def proc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeProc:
+    fake = FakeProc(tmp_path)
+    # The ownership check asks the kernel (an ioctl on the namespace file); here a set says which pids are in
+    # namespaces an unprivileged user made in a user namespace of its own.
+    monkeypatch.setattr(NetnsSockets, "owned_by_host", lambda self, pid: str(pid) not in fake.user_owned)
+    return fake
 
 
 def test_needle_is_how_the_kernel_prints_the_addresses() -> None:
@@ -169,7 +179,7 @@ def test_ipv6_sockets_are_read_from_tcp6(proc: FakeProc) -> None:
 
 def test_time_wait_has_no_owner() -> None:
     text = HEADER + line(("172.17.0.2", 40000), IMDS, 0, 0, state="06")
-    assert parse_line(text, needle(("172.17.0.2", 40000), IMDS)) == (0, 0)
+    assert parse_line(text, needle(("172.17.0.2", 40000), IMDS)) == (0, 0, "06")
     assert parse_line(text, needle(("172.17.0.9", 40000), IMDS)) is None
 
 
@@ -178,3 +188,35 @@ def test_the_search_keeps_to_its_deadline(proc: FakeProc) -> None:
         proc.add_process(str(1000 + n), f"ns{n}")
     with pytest.raises(OverBudget):
         NetnsSockets(str(proc.root)).find(("172.17.0.2", 40000), IMDS, deadline=0.0)
+
+
+def test_a_namespace_an_unprivileged_user_made_never_stands_for_a_container(proc: FakeProc) -> None:
+    # `unshare -Urn` as any user: the victim's address on lo, and the victim's tuple held there. It neither makes
+    # the victim's own socket ambiguous nor, with the victim gone, takes its place.
+    proc.add_process("200", "web", tcp=line(("172.17.0.2", 40000), IMDS, 1000, 777), addrs=("172.17.0.2",))
+    proc.add_process("900", "squat", tcp=line(("172.17.0.2", 40000), IMDS, 1000, 5), addrs=("172.17.0.2",))
+    proc.user_owned.add("900")
+    found = NetnsSockets(str(proc.root)).find(("172.17.0.2", 40000), IMDS)
+    assert found is not None and found.pid == 200
+    proc.add_process("200", "web")  # the victim's socket is gone
+    assert NetnsSockets(str(proc.root)).find(("172.17.0.2", 40000), IMDS) is None
+
+
+def test_a_socket_that_is_no_longer_a_live_connection_lends_nobody_its_process(proc: FakeProc) -> None:
+    # A pooled client's socket the agent closed lingers in CLOSE_WAIT; a new connection on the same tuple (from
+    # a container that took the address) must not be attributed to the lingering socket's holder.
+    waiting = line(("172.17.0.2", 40000), IMDS, 1000, 777, state="08")
+    proc.add_process("200", "web", tcp=waiting, addrs=("172.17.0.2",))
+    found = NetnsSockets(str(proc.root)).find(("172.17.0.2", 40000), IMDS)
+    assert found is not None and found.inode == 0
+
+
+def test_a_local_route_counts_like_an_address(proc: FakeProc) -> None:
+    # `ip route add local 172.17.0.2/31 dev lo` makes the namespace take the address as its own without an
+    # address: it is a candidate like any other, so a second holder of the tuple is seen.
+    proc.add_process("200", "web", tcp=line(("172.17.0.2", 40000), IMDS, 1000, 777), addrs=("172.17.0.2",))
+    proc.add_process("300", "evil", tcp=line(("172.17.0.2", 40000), IMDS, 0, 888))
+    fib = "Local:\n  +-- 172.17.0.2/31 2 0 2\n     |-- 172.17.0.2\n        /31 host LOCAL\n"
+    (proc.root / "300" / "net" / "fib_trie").write_text(fib)
+    with pytest.raises(Ambiguous):
+        NetnsSockets(str(proc.root)).find(("172.17.0.2", 40000), IMDS)

@@ -10,7 +10,7 @@ from typing import Optional
 
 import pytest
 
-from imds_agent.identity.caller import Caller
+from imds_agent.identity.caller import Caller, address_share, share_owner
 from imds_agent.identity.containers import ContainerDirectory
 from imds_agent.identity.netns import Ambiguous, NetnsSocket
 from imds_agent.identity.sockets import SocketOwner
@@ -233,6 +233,28 @@ def test_a_docker_container_is_described_with_its_uid_inside(tmp_path: Path) -> 
     assert caller.workload.label("team") == "billing" and caller.uid_inside == 1000
 
 
-def test_admission_counts_a_container_connection_against_its_namespace() -> None:
-    hook = container_hook(FakeNetns(NetnsSocket(netns=9, pid=55, uid=0, inode=4242)))
-    assert hook.peer_uid(FROM_CONTAINER) == -9  # not 0: container root gets none of root's reserve
+def test_admission_takes_a_container_connections_address_without_searching_on_the_accept_thread() -> None:
+    finder = FakeNetns(NetnsSocket(netns=9, pid=55, uid=0, inode=4242))
+    hook = container_hook(finder)
+    key = hook.peer_uid(FROM_CONTAINER)
+    # Not 0 (container root gets none of root's reserve), and no namespace was searched at accept.
+    assert key == address_share("172.17.0.2") and key is not None and key < 0 and finder.asked == []
+    assert share_owner(key) == "container address 172.17.0.2"
+    assert share_owner(-9) == "the container network namespace 9" and share_owner(0) == "uid 0"
+
+
+def test_an_entry_left_by_an_earlier_connection_on_the_same_tuple_is_never_reused() -> None:
+    hook = container_hook(FakeNetns(None))
+    stale = NetnsSocket(netns=7, pid=55, uid=1000, inode=4242)
+    hook._seen[(FROM_CONTAINER.peer, FROM_CONTAINER.local)] = (IMDS, SocketOwner(1000, 4242), stale, 0.0)
+    hook.peer_uid(FROM_CONTAINER)  # the new connection on that tuple
+    client = hook(FROM_CONTAINER)
+    assert not client.caller.known and "no local container holds" in client.refused
+
+
+def test_every_container_answer_carries_its_namespace_even_unidentified() -> None:
+    closed = container_hook(FakeNetns(NetnsSocket(netns=7, pid=55, uid=0, inode=0)))(FROM_CONTAINER)
+    assert not closed.caller.known and closed.caller.netns == 7 and closed.caller.budget_key == -7
+    assert "ended before it could be identified" in closed.caller.reason
+    moved = container_hook(FakeNetns(NetnsSocket(7, 55, 0, 4242), holder_ns=8))(FROM_CONTAINER)
+    assert moved.caller.netns == 7 and moved.caller.budget_key == -7
