@@ -33,6 +33,19 @@ def curl_as_nobody(ct: Container, url: str = CREDS) -> str:
     return ct.run(*argv, check=False).stdout
 
 
+def container_namespace(ct: Container) -> None:
+    """A network namespace standing for a container, made from inside the booted root (so that its processes
+    are in the root's pid namespace, where the packaged agent looks), behind a bridge docker0."""
+    for argv in (["ip", "link", "add", "docker0", "type", "bridge"], ["ip", "addr", "add", "172.30.0.1/24", "dev",
+                 "docker0"], ["ip", "link", "set", "docker0", "up"], ["ip", "netns", "add", "web"],
+                 ["ip", "link", "add", "vc-web", "type", "veth", "peer", "name", "eth0", "netns", "web"],
+                 ["ip", "link", "set", "vc-web", "master", "docker0", "up"],
+                 ["ip", "-n", "web", "addr", "add", "172.30.0.2/24", "dev", "eth0"],
+                 ["ip", "-n", "web", "link", "set", "eth0", "up"], ["ip", "-n", "web", "link", "set", "lo", "up"],
+                 ["ip", "-n", "web", "route", "add", "default", "via", "172.30.0.1"]):  # fmt: skip
+        ct.run(*argv)
+
+
 def main_status(ct: Container) -> dict[str, str]:
     pid = ct.show(UNIT, "MainPID")["MainPID"]
     assert pid != "0", ct.journal(UNIT)
@@ -77,6 +90,18 @@ def test_the_packaged_unit_under_systemd(tmp_path: Path) -> None:
             assert record["exe"] == "/usr/bin/curl" and record["user"] == "nobody" and record["mode"] == "audit"
             # `systemctl status` tells an operator what the agent has been doing.
             line = "audit mode: 1 requests (1 IMDSv1), 1 would-deny, 0 upstream errors, 0 unidentified"
+            assert wait_for(lambda: line in ct.show(UNIT, "StatusText")["StatusText"], 5)
+
+            # A container with a network namespace of its own, under the hardened unit's capabilities and system
+            # call filter: intercepted by default, identified in its own namespace.
+            container_namespace(ct)
+            argv = ["ip", "netns", "exec", "web", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                    "curl", "-s", "-w", "\n%{http_code}", "--max-time", "5", CREDS]  # fmt: skip
+            out = ct.run(*argv, check=False).stdout
+            assert out.endswith("\n200") and "imds-agent-demo-role" in out, ct.journal(UNIT)
+            record = json.loads((root / "var/log/imds-agent/audit.jsonl").read_text().splitlines()[-1])
+            assert record["exe"] == "/usr/bin/curl" and record["netns"] and record["peer"].startswith("172.30.0.2:")
+            line = "audit mode: 2 requests (2 IMDSv1), 2 would-deny, 0 upstream errors, 0 unidentified"
             assert wait_for(lambda: line in ct.show(UNIT, "StatusText")["StatusText"], 5)
 
             # set-mode edits agent.yaml and reloads through systemd (ExecReload): curl is now denied credentials.
