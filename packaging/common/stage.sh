@@ -30,5 +30,7 @@ for f in "$here"/rules/*.yaml; do
     esac
 done
 install -m 0644 "$here/packaging/systemd/imds-agent.service" "$root$unitdir/imds-agent.service"
+install -m 0644 "$here/packaging/systemd/imds-agent-inventory.service" "$root$unitdir/imds-agent-inventory.service"
+install -m 0644 "$here/packaging/systemd/imds-agent-inventory.timer" "$root$unitdir/imds-agent-inventory.timer"
 install -m 0644 "$here/packaging/systemd/imds-agent.sysusers" "$root/usr/lib/sysusers.d/imds-agent.conf"
 install -m 0644 "$here/README.md" "$root/usr/share/doc/imds-agent/README.md"

@@ -104,6 +104,24 @@ def test_the_packaged_unit_under_systemd(tmp_path: Path) -> None:
             line = "audit mode: 2 requests (2 IMDSv1), 2 would-deny, 0 upstream errors, 0 unidentified"
             assert wait_for(lambda: line in ct.show(UNIT, "StatusText")["StatusText"], 5)
 
+            # The SSM custom inventory is refreshed by a root timer the package enables; without the SSM Agent's
+            # folder its runs are skipped, with it the files appear (the agent itself cannot write there).
+            timer = "imds-agent-inventory.timer"
+            assert ct.run("systemctl", "is-enabled", timer).stdout.strip() == "enabled"
+            assert ct.run("systemctl", "is-active", timer).stdout.strip() == "active"
+            ct.run("systemctl", "start", "imds-agent-inventory.service")
+            assert ct.show("imds-agent-inventory.service", "ConditionResult")["ConditionResult"] == "no"
+            custom = root / "var/lib/amazon/ssm/i-0123456789abcdef0/inventory/custom"
+            custom.parent.mkdir(parents=True)
+            assert wait_for(lambda: (root / "var/lib/imds-agent/inventory.json").exists(), 15)  # saved every 10 s
+            ct.run("systemctl", "start", "imds-agent-inventory.service")
+            assert ct.show("imds-agent-inventory.service", "Result")["Result"] == "success", ct.journal(
+                "imds-agent-inventory.service"
+            )
+            callers = json.loads((custom / "ImdsAgentCallers.json").read_text())
+            assert callers["TypeName"] == "Custom:ImdsAgentCallers"
+            assert any(e["Exe"] == "/usr/bin/curl" for e in callers["Content"]), callers
+
             # set-mode edits agent.yaml and reloads through systemd (ExecReload): curl is now denied credentials.
             pid = ct.show(UNIT, "MainPID")["MainPID"]
             assert "reloaded imds-agent.service" in ct.run("imds-agent", "set-mode", "enforce").stdout

@@ -123,6 +123,10 @@ def caller_entry(e: Entry) -> dict[str, str]:
         "Decision": e.decision,
         "Requests": str(e.count),
         "LastSeen": _iso(e.last_seen),
+        # The container a caller ran in, as its runtime described it ('' on the host): fleet queries by image.
+        "Image": _text(e.image),
+        "Container": _text(e.container),
+        "PodNamespace": _text(e.pod_namespace),
     }
 
 

@@ -66,7 +66,7 @@ def test_both_files_are_valid_custom_inventory(tmp_path: Path) -> None:
     python = callers["Content"][1]
     assert python == {"Exe": "/usr/bin/python3", "Uid": "", "User": "", "ExeVerified": "true", "Imds": "v1",
                       "PathClass": "meta-data/placement", "Decision": "would-deny", "Requests": "1",
-                      "LastSeen": "2023-11-14T22:13:20Z"}  # fmt: skip
+                      "LastSeen": "2023-11-14T22:13:20Z", "Image": "", "Container": "", "PodNamespace": ""}  # fmt: skip
     assert status["Content"] == [{"Version": "0.1.0", "Mode": "audit", "Backend": "nftables", "PolicyHash": "ab" * 32,
                                   "WouldDeny": "3", "Denied": "0", "Callers": "3", "CallersReported": "3"}]  # fmt: skip
 
@@ -205,3 +205,14 @@ def test_main_writes_from_the_saved_inventory(tmp_path: Path, capsys: pytest.Cap
     (state / "inventory.json").write_text("garbage")
     assert ssm.main(["--config", str(config), "--ssm-root", str(root)]) == 78
     assert "cannot read the inventory" in capsys.readouterr().err
+
+
+def test_a_container_callers_entry_names_its_image_and_pod_namespace() -> None:
+    from imds_agent.audit.ssm import caller_entry
+
+    entry = Entry(exe="/usr/bin/curl", uid=0, user="root", imds="v1", path_class="credentials", decision="deny",
+                  count=3, first_seen=1.0, last_seen=1.0, exe_verified=False, image="docker.io/library/app:1",
+                  container="web", pod_namespace="payments")  # fmt: skip
+    got = caller_entry(entry)
+    assert (got["Image"], got["Container"], got["PodNamespace"]) == ("docker.io/library/app:1", "web", "payments")
+    assert all(isinstance(v, str) for v in got.values())
