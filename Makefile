@@ -65,6 +65,7 @@ bench: deps
 	$(BIN)/python tests/bench/forwarder.py
 	$(BIN)/python tests/bench/identity.py
 	$(BIN)/python tests/bench/containers.py
+	$(BIN)/python tests/bench/load.py
 
 # Packages bundle the pyroute2 the tests use (see packaging/README.md for why).
 PYROUTE2_DIR = $(shell $(BIN)/python -c 'import os, pyroute2; print(os.path.dirname(os.path.dirname(pyroute2.__file__)))')
