@@ -89,6 +89,21 @@ def test_hop_limit_1_starves_a_container_without_the_agent_and_the_agent_serves_
 
 
 @pytest.mark.parametrize("backend", ["nftables", "iptables"])
+def test_every_spelling_from_a_container_is_served_and_attributed(sbx: Sandbox, backend: str) -> None:
+    # [::ffff:169.254.169.254] makes an AF_INET6 socket whose packets are IPv4: redirected by the IPv4 rule, and
+    # the socket is in the container's tcp6 table. Before, that client was refused as "no local container".
+    agent = AgentProcess(sbx, mode="enforce", backend=backend, extra=CONTAINERS).start()
+    try:
+        for url in (f"{BASE}/meta-data/instance-id", "http://[::ffff:169.254.169.254]/latest/meta-data/instance-id"):
+            code, status, body = curl(sbx, "web", "-g", url)
+            assert (status, body) == ("200", "i-0e1a2b3c4d5e6f708"), (url, code, body)
+        got = wait_records(agent, 2)
+        assert [(r["exe"], r["uid"], r["identified"]) for r in got[-2:]] == [("/usr/bin/curl", NOBODY, True)] * 2
+    finally:
+        agent.stop()
+
+
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])
 def test_the_container_listener_serves_only_local_containers_the_redirect_sent(sbx: Sandbox, backend: str) -> None:
     # No reconciler, and a table no process owns: the test takes the kernel's own listener guard away below.
     agent = AgentProcess(sbx, mode="audit", backend=backend, extra=CONTAINERS, reconcile_interval=0,

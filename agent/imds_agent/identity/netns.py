@@ -57,6 +57,11 @@ def needle(local: tuple[str, int], remote: tuple[str, int]) -> str:
 ESTABLISHED = "01"
 
 
+def mapped(addr: tuple[str, int]) -> tuple[str, int]:
+    """An IPv4 endpoint as an AF_INET6 socket holds it: ::ffff:a.b.c.d."""
+    return f"::ffff:{addr[0]}", addr[1]
+
+
 def parse_line(text: str, key: str) -> Optional[tuple[int, int, str]]:
     """(uid, inode, state) from the /proc/net/tcp line of ``text`` holding ``key``; None when there is none. A
     socket in TIME_WAIT (state 06) has no owner any more: inode 0."""
@@ -195,16 +200,20 @@ class NetnsSockets:
         Raises Ambiguous when more than one holds such a socket, OverBudget past ``deadline``.
         """
         v6 = ":" in peer[0]
-        key = needle(peer, dialled)
+        # An IPv4 connection made from an AF_INET6 socket (a client that dialled [::ffff:169.254.169.254]) is in
+        # the tcp6 table, its addresses spelled IPv4-mapped.
+        keys = [(needle(peer, dialled), v6)]
+        if not v6:
+            keys.append((needle(mapped(peer), mapped(dialled)), True))
         address = str(ipaddress.ip_address(peer[0]))
         with self._lock:
             remembered = self._candidates(self._index[v6], address)
-        matches, stale = self._holding(remembered, address, key, v6, deadline)
+        matches, stale = self._holding(remembered, address, keys, v6, deadline)
         if stale or not any(m.inode for m in matches):
             index = self._build_index(v6, deadline)
             with self._lock:
                 self._index[v6] = index
-            matches, _ = self._holding(self._candidates(index, address), address, key, v6, deadline)
+            matches, _ = self._holding(self._candidates(index, address), address, keys, v6, deadline)
         live = [m for m in matches if m.inode]
         if len(live) > 1 or (not live and len(matches) > 1):
             raise Ambiguous(f"a socket from {peer[0]}:{peer[1]} exists in {len(matches)} network namespaces")
@@ -219,7 +228,12 @@ class NetnsSockets:
         return list(dict.fromkeys(c for net, found in index.items() if addr in net for c in found))
 
     def _holding(
-        self, candidates: list[tuple[int, int]], address: str, key: str, v6: bool, deadline: Optional[float]
+        self,
+        candidates: list[tuple[int, int]],
+        address: str,
+        keys: list[tuple[str, bool]],
+        v6: bool,
+        deadline: Optional[float],
     ) -> tuple[list[NetnsSocket], bool]:
         """The candidates holding the socket (a dead connection with inode 0), and whether any candidate was
         stale (its pid gone, moved, or the address no longer its namespace's)."""
@@ -229,11 +243,21 @@ class NetnsSockets:
             if self._netns_of(str(pid)) != netns or not self.is_local(pid, address, v6):
                 stale = True
                 continue
-            hit = self._search(pid, netns, key, v6) or self._search(pid, netns, key, v6)
+            hit = self._lookup(pid, netns, keys)
             if hit is not None:
                 uid, inode, state = hit
                 out.append(NetnsSocket(netns, pid, uid, inode if state == ESTABLISHED else 0))
         return out, stale
+
+    def _lookup(self, pid: int, netns: int, keys: list[tuple[str, bool]]) -> Optional[tuple[int, int, str]]:
+        """The first of ``keys`` (needle, in tcp6) that ``pid``'s namespace holds; each table is read twice before
+        the socket counts as not there (see find)."""
+        for _ in range(2):
+            for key, six in keys:
+                hit = self._search(pid, netns, key, six)
+                if hit is not None:
+                    return hit
+        return None
 
     def _build_index(self, v6: bool, deadline: Optional[float]) -> dict[Any, list[tuple[int, int]]]:
         """Every host-owned namespace's local networks of one family: network -> [(netns, pid)]."""

@@ -220,3 +220,11 @@ def test_a_local_route_counts_like_an_address(proc: FakeProc) -> None:
     (proc.root / "300" / "net" / "fib_trie").write_text(fib)
     with pytest.raises(Ambiguous):
         NetnsSockets(str(proc.root)).find(("172.17.0.2", 40000), IMDS)
+
+
+def test_an_ipv4_connection_from_an_ipv6_socket_is_found_in_tcp6(proc: FakeProc) -> None:
+    # A client that dialled [::ffff:169.254.169.254] holds an AF_INET6 socket: tcp6, addresses IPv4-mapped.
+    held = line(("::ffff:172.17.0.2", 40000), ("::ffff:169.254.169.254", 80), 1000, 555)
+    proc.add_process("200", "web", tcp6=held, addrs=("172.17.0.2",))
+    found = NetnsSockets(str(proc.root)).find(("172.17.0.2", 40000), IMDS)
+    assert found is not None and found.inode == 555
