@@ -41,9 +41,7 @@ class Attested(Protocol):
 
 
 Attest = Callable[[int], Optional[Attested]]  # socket cookie -> the record made at connect, if any
-# What admission learnt at accept: the original destination, the socket's owner, the container namespace's socket
-# and the seconds the namespace search took (counted in the identification's cost).
-Seen = tuple[Optional[Address], Optional[SocketOwner], Optional[NetnsSocket], float]
+Seen = tuple[Optional[Address], Optional[SocketOwner]]  # admission's original destination and socket owner
 
 
 @dataclass
@@ -80,10 +78,10 @@ class ConnectionIdentifier:
         seen = self._seen.pop((conn.peer, conn.local), None)
         side = self.containers
         if side is not None and conn.local[1] == side.port:
-            return self._from_container(conn, side, seen)
+            return self._from_container(conn, side)
         if self.attest is not None:
             return self._attested(conn, self.attest, seen[1] if seen is not None else None)
-        dst, owner = (seen[0], seen[1]) if seen is not None else (self._dst(conn), None)
+        dst, owner = seen if seen is not None else (self._dst(conn), None)
         started = time.monotonic()
         try:
             caller = self.identifier.identify(conn.peer, conn.local, dst, owner)
@@ -115,16 +113,16 @@ class ConnectionIdentifier:
             caller, dst = Caller.unknown(f"identification failed: {type(exc).__name__}"), None
         return Client(conn.peer, conn.local, dst, caller, self._clock(), time.monotonic() - started)
 
-    def _from_container(self, conn: Connection, side: ContainerSide, seen: Optional[Seen]) -> Client:
+    def _from_container(self, conn: Connection, side: ContainerSide) -> Client:
         """A connection on the container listener: found in the container's namespace, or refused."""
-        started = time.monotonic() - (seen[3] if seen is not None else 0.0)
-        dst = seen[0] if seen is not None else self._dst(conn)
+        started = time.monotonic()
+        dst = self._dst(conn)
         refused = ""
         if dst not in side.dialled:
             refused = f"not a redirected container connection (it dialled {_show(dst)}): not served"
             caller = Caller.unknown(refused)
         else:
-            found, why = self._locate(conn, side, dst, seen)
+            found, why = self._locate(conn, side, dst)
             if found is not None:
                 caller = self._container_caller(conn, side, dst, found)
             elif why is not None:
@@ -135,11 +133,9 @@ class ConnectionIdentifier:
         return Client(conn.peer, conn.local, dst, caller, self._clock(), time.monotonic() - started, refused)
 
     def _locate(
-        self, conn: Connection, side: ContainerSide, dst: Address, seen: Optional[Seen]
+        self, conn: Connection, side: ContainerSide, dst: Address
     ) -> tuple[Optional[NetnsSocket], Optional[Caller]]:
         """The container namespace's socket, or the unidentified Caller saying why it could not be told."""
-        if seen is not None and seen[2] is not None:
-            return seen[2], None
         try:
             return side.sockets.find(conn.peer, dst, time.monotonic() + self.identifier.budget), None
         except Ambiguous as exc:
@@ -206,7 +202,7 @@ class ConnectionIdentifier:
             return None
         if len(self._seen) >= SEEN_MAX:
             self._seen.clear()  # entries of connections refused at admission, never identified
-        self._seen[key] = (dst, owner, None, 0.0)
+        self._seen[key] = (dst, owner)
         return owner.uid if owner is not None else None
 
     def close(self) -> None:

@@ -245,8 +245,7 @@ def test_admission_takes_a_container_connections_address_without_searching_on_th
 
 def test_an_entry_left_by_an_earlier_connection_on_the_same_tuple_is_never_reused() -> None:
     hook = container_hook(FakeNetns(None))
-    stale = NetnsSocket(netns=7, pid=55, uid=1000, inode=4242)
-    hook._seen[(FROM_CONTAINER.peer, FROM_CONTAINER.local)] = (IMDS, SocketOwner(1000, 4242), stale, 0.0)
+    hook._seen[(FROM_CONTAINER.peer, FROM_CONTAINER.local)] = (IMDS, SocketOwner(1000, 4242))
     hook.peer_uid(FROM_CONTAINER)  # the new connection on that tuple
     client = hook(FROM_CONTAINER)
     assert not client.caller.known and "no local container holds" in client.refused
