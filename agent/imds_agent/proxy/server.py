@@ -97,6 +97,7 @@ class ProxyServer:
         # The container listener: on every address, for connections the prerouting redirect hands over from
         # containers' own namespaces (identify.py serves only those). None: no container listener.
         self.container_port_wanted = container_port
+        self.container_port: Optional[int] = None  # the container listener's port once bound
         self.forwarder = forwarder
         self.identify = identify
         self.report = report
@@ -135,12 +136,7 @@ class ProxyServer:
             cport = self.container_port_wanted
             for address in ("0.0.0.0", "::"):
                 cport = self._bind_one(address, cport)
-            self._container_port = cport
-
-    @property
-    def container_port(self) -> Optional[int]:
-        """The container listener's port once bound (None without one)."""
-        return getattr(self, "_container_port", None)
+            self.container_port = cport
 
     def _bind_one(self, address: str, port: int) -> int:
         """Listen on ``address``:``port``; return the port bound (a free one when ``port`` is 0), so that every
