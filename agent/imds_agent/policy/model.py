@@ -38,17 +38,7 @@ def value_glob(pattern: str) -> re.Pattern[str]:
 def image_glob(pattern: str) -> re.Pattern[str]:
     """A glob over an image reference: '*' within one component (it stops at '/', ':' and '@', so it never
     spans a registry, a tag or a digest), '?' one character of one, '**' anything."""
-    out = []
-    i = 0
-    while i < len(pattern):
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-            continue
-        c = pattern[i]
-        out.append("[^/:@]*" if c == "*" else "[^/:@]" if c == "?" else re.escape(c))
-        i += 1
-    return re.compile("".join(out))
+    return compile_glob(pattern, separators="/:@", directories=False)
 
 
 @dataclass(frozen=True)

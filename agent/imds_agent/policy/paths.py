@@ -199,14 +199,17 @@ def normalize(target: str) -> MetadataPath:
     return MetadataPath(version, path, sensitive, query if sep else None, raw_path.endswith("/"))
 
 
-def compile_glob(pattern: str) -> re.Pattern[str]:
-    """A path glob as a regex: '*' within one segment, '**' across segments, '?' one character.
+def compile_glob(pattern: str, separators: str = "/", directories: bool = True) -> re.Pattern[str]:
+    """A path glob as a regex: '*' within one segment, '**' across segments, '?' one character of a segment;
+    segments end at any of ``separators``.
 
-    A trailing '/**' also matches the directory itself ('meta-data/**' covers the 'meta-data' listing).
+    With ``directories``, a trailing '/**' also matches the directory itself ('meta-data/**' covers the
+    'meta-data' listing).
     """
     tail = ""
-    if pattern.endswith("/**"):
+    if directories and pattern.endswith("/**"):
         pattern, tail = pattern[:-3], "(?:/.*)?"
+    segment = "[^" + re.escape(separators) + "]"
     out = []
     i = 0
     while i < len(pattern):
@@ -214,10 +217,10 @@ def compile_glob(pattern: str) -> re.Pattern[str]:
             out.append(".*")
             i += 2
         elif pattern[i] == "*":
-            out.append("[^/]*")
+            out.append(segment + "*")
             i += 1
         elif pattern[i] == "?":
-            out.append("[^/]")
+            out.append(segment)
             i += 1
         else:
             out.append(re.escape(pattern[i]))
